@@ -1,0 +1,3 @@
+from cilbench.cli import main
+
+main()

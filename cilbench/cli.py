@@ -1,0 +1,319 @@
+"""Thin Typer commands: parse, call the API, print with rich. Every user error is one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cilbench.errors import CilbenchError
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="rich",
+                  help="Continual-learning benchmarks for pre-trained vision and vision-language models.")
+methods_app = typer.Typer(no_args_is_help=True, help="Registered methods and their hyperparameters.")
+datasets_app = typer.Typer(no_args_is_help=True, help="The dataset catalog: list, inspect, prepare, split.")
+app.add_typer(methods_app, name="methods")
+app.add_typer(datasets_app, name="datasets")
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# ---------------------------------------------------------------- methods
+@methods_app.command("list")
+def methods_list() -> None:
+    """List registered methods.
+
+    Example: [bold]cilbench methods list[/]
+    """
+    from cilbench.methods import METHODS, load_all
+
+    table = Table("method", "family", "default backbone", "paper", "what it does")
+    for name in load_all():
+        m = METHODS.metadata(name)
+        table.add_row(name, m.get("family", ""), m.get("backbone", ""), m.get("paper", ""), m.get("summary", ""))
+    console.print(table)
+
+
+@methods_app.command("info")
+def methods_info(name: str, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Paper, family, default backbone, hyperparameter defaults and per-dataset presets of a method.
+
+    Example: [bold]cilbench methods info simplecil --json[/]
+    """
+    from cilbench.methods import METHODS, load_method
+    from cilbench.methods.base import config_defaults
+
+    cls = load_method(name)
+    meta = METHODS.metadata(name)
+    info = {"name": name, "paper": meta.get("paper"), "family": meta.get("family"),
+            "default_backbone": meta.get("backbone"), "summary": meta.get("summary"),
+            "doc": (cls.__doc__ or "").strip(), "defaults": config_defaults(cls),
+            "presets": cls.presets, "quick": cls.quick, "merges_tasks": cls.merges_tasks}
+    if as_json:
+        _print_json(info)
+        return
+    console.print(f"[bold]{name}[/] — {info['paper']}\nfamily: {info['family']}, "
+                  f"default backbone: {info['default_backbone']}\n\n{info['doc']}\n")
+    table = Table("setting", "default", *sorted(cls.presets), "quick")
+    for key, value in info["defaults"].items():
+        table.add_row(key, repr(value), *[repr(cls.presets[d].get(key, "")) if key in cls.presets[d] else ""
+                                          for d in sorted(cls.presets)], repr(cls.quick.get(key, "")))
+    console.print(table)
+
+
+# ---------------------------------------------------------------- datasets
+@datasets_app.command("list")
+def datasets_list() -> None:
+    """List the dataset catalog.
+
+    Example: [bold]cilbench datasets list[/]
+    """
+    from cilbench.data.catalog import DATASETS, DatasetSpec
+
+    table = Table("dataset", "classes", "source", "description")
+    for name in DATASETS.names():
+        spec = DATASETS.get(name)
+        if isinstance(spec, DatasetSpec):
+            table.add_row(name, str(spec.num_classes), spec.source_line(), spec.description)
+        else:
+            table.add_row(name, "-", "sequence of " + ", ".join(spec.datasets()), spec.description)
+    console.print(table)
+
+
+@datasets_app.command("info")
+def datasets_info(name: str, cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="CILBENCH_CACHE"),
+                  as_json: bool = typer.Option(False, "--json")) -> None:
+    """Source, classes, split rule and local state of a dataset.
+
+    Example: [bold]cilbench datasets info imagenet-a[/]
+    """
+    import dataclasses
+
+    from cilbench.data.catalog import DatasetSpec, get_spec
+    from cilbench.data.store import Store
+    from cilbench.utils import cache_dir as resolve_cache
+
+    spec = get_spec(name)
+    info = dataclasses.asdict(spec)
+    if isinstance(spec, DatasetSpec):
+        info["source"] = spec.source_line()
+        info["split"] = spec.split_rule.describe() if spec.split_rule else "the source's official train/test split"
+        root = resolve_cache(cache_dir) / name
+        info["prepared"] = Store.exists(root)
+        if info["prepared"]:
+            manifest = json.loads((root / "manifest.json").read_text())
+            info["store"] = {"path": str(root), "image_size": manifest["image_size"],
+                             "counts": {k: v["count"] for k, v in manifest["splits"].items()},
+                             "source": manifest.get("source")}
+    if as_json:
+        _print_json(info)
+        return
+    for key, value in info.items():
+        if value not in (None, "", (), {}, []):
+            console.print(f"[bold]{key}[/]: {value}")
+
+
+@datasets_app.command("prepare")
+def datasets_prepare(
+    name: str,
+    source: str = typer.Option("hub", "--source", help="hub, or a local PATH: an ImageFolder <dir>/{train,test}/"
+                                                        "<class>/ or a local copy of the hub repository."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="CILBENCH_CACHE"),
+    force: bool = typer.Option(False, "--force", help="Prepare again even if a store exists."),
+) -> None:
+    """Download (or read) a dataset, decode every image once, and write the memory-mapped store.
+
+    Example: [bold]cilbench datasets prepare cifar100[/]  or  [bold]cilbench datasets prepare objectnet --source
+    ~/data/objectnet[/]
+    """
+    from cilbench.data.prepare import prepare
+    from cilbench.utils import cache_dir as resolve_cache
+
+    store = prepare(name, resolve_cache(cache_dir), source=source, force=force)
+    counts = ", ".join(f"{k} {store.split(k).labels.shape[0]}" for k in store.split_names)
+    console.print(f"[green]prepared[/] {name}: {store.num_classes} classes, {counts}, {store.image_size}px at "
+                  f"{store.root}")
+
+
+@datasets_app.command("split")
+def datasets_split(
+    name: str,
+    scenario: Optional[str] = typer.Option(None, "--scenario", help="B<base>Inc<step>, e.g. B0Inc10."),
+    seed: int = typer.Option(1993, "--seed", help="Seed of the class permutation (PILOT: 1993)."),
+    class_order: Optional[str] = typer.Option(None, "--class-order", help="A fixed published order instead: "
+                                              "cifar100-icarl, tinyimagenet-zscl."),
+    order: Optional[str] = typer.Option(None, "--order", help="MTIL order I or II."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Class order, increments and the classes of each task, from the catalog alone (no images needed).
+
+    Example: [bold]cilbench datasets split cifar100 --scenario B0Inc10 --seed 1993 --json[/]
+    """
+    from cilbench.data.scenario import build_scenario
+
+    s = build_scenario(name, scenario, seed, class_order, order)
+    info = s.describe()
+    if as_json:
+        _print_json(info)
+        return
+    if s.kind == "cil":
+        console.print(f"{name} {s.name}: {len(s.tasks)} tasks, increments {s.increments}, order "
+                      f"{s.class_order_name}")
+        for t in s.tasks:
+            console.print(f"  {t.name}: {list(t.source_labels)}")
+    else:
+        console.print(f"{name} order {info['order']}: " + " -> ".join(info["datasets"]))
+
+
+# ---------------------------------------------------------------- run
+@app.command("run")
+def run(
+    method: str,
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset or sequence name (cilbench datasets list)."),
+    scenario: Optional[str] = typer.Option(None, "--scenario", "-s", help="B<base>Inc<step> (default B0Inc10)."),
+    order: Optional[str] = typer.Option(None, "--order", help="MTIL order I or II."),
+    class_order: Optional[str] = typer.Option(None, "--class-order", help="Fixed published class order."),
+    seed: int = typer.Option(1993, "--seed"),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone (default: the method's)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file for the backbone."),
+    set_: list[str] = typer.Option([], "--set", help="Override a method setting: key=value (repeatable)."),
+    out: Path = typer.Option(Path("results"), "--out", help="Folder for the run record."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue after the last finished task."),
+    quick: bool = typer.Option(False, "--quick", help="Smoke profile: tiny random backbone, few epochs, subset."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="CILBENCH_CACHE"),
+    tag: str = typer.Option("", "--tag", help="Extra label in the record's file name."),
+) -> None:
+    """Run one method on one benchmark and write a run record.
+
+    Example: [bold]cilbench run simplecil --dataset digits --quick[/]  or  [bold]cilbench run simplecil --dataset
+    imagenet-a --scenario B0Inc20[/]
+    """
+    from cilbench.engine.runner import RunOptions, Runner
+    from cilbench.methods.base import parse_sets
+
+    opts = RunOptions(method=method, dataset=dataset, scenario=scenario, order=order, class_order=class_order,
+                      seed=seed, backbone=backbone, weights=weights, sets=parse_sets(set_), out=out, device=device,
+                      resume=resume, quick=quick, cache_dir=cache_dir, tag=tag)
+    runner = Runner(opts, console=console)
+    console.print(f"[bold]{method}[/] on {dataset} {runner.scenario.name} ({len(runner.scenario.tasks)} tasks), "
+                  f"backbone {runner.backbone_name}, seed {seed}, device {runner.device}"
+                  + (" [yellow](quick: not comparable to papers)[/]" if quick else ""))
+    with _progress() as factory:
+        record, path = runner.run(progress_factory=factory)
+    _print_summary(record, path)
+
+
+class _progress:
+    """A rich progress bar per training task; the factory returns an ``update(n, loss)`` callable."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console,
+                                 transient=True)
+        self.progress.__enter__()
+
+        def factory(description: str, total: int):
+            tid = self.progress.add_task(description, total=total, loss="-")
+            done = 0
+
+            def update(n: int, loss: float) -> None:
+                nonlocal done
+                done += n
+                self.progress.update(tid, advance=n, loss=f"{loss:.4f}")
+                if done >= total:
+                    self.progress.remove_task(tid)
+
+            return update
+
+        return factory
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+
+def _print_summary(record: dict, path: Path) -> None:
+    m = record["metrics"]
+    if record["kind"] == "cil":
+        line = f"A_avg {m['A_avg']:.2f}  A_last {m['A_last']:.2f}"
+        if m.get("forgetting") is not None:
+            line += f"  forgetting {m['forgetting']:.2f}"
+    else:
+        tr = "-" if m["transfer"] is None else f"{m['transfer']:.2f}"
+        line = f"Transfer {tr}  Average {m['average']:.2f}  Last {m['last']:.2f}"
+    t = record["timings"]
+    train_s = sum(x["train_s"] for x in t["tasks"])
+    eval_s = sum(x["eval_s"] for x in t["tasks"])
+    console.print(f"[bold green]{record['method']}[/] {record['dataset']} {record['scenario']}: {line}\n"
+                  f"train {train_s:.1f}s, eval {eval_s:.1f}s, total {t['total_s']:.1f}s -> {path}")
+
+
+# ---------------------------------------------------------------- metrics, table, check
+@app.command("metrics")
+def metrics_cmd(
+    file: Path,
+    kind: Optional[str] = typer.Option(None, "--kind", help="cil or mtil (default: from the record, else cil)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """A_avg / A_last / forgetting, or MTIL Transfer / Average / Last, of an accuracy matrix (JSON, CSV or a run
+    record; rows = after task i, columns = task j, percent).
+
+    Example: [bold]cilbench metrics matrix.csv --kind mtil[/]
+    """
+    from cilbench.results.matrix_io import score_matrix
+
+    if kind not in (None, "cil", "mtil"):
+        raise CilbenchError(f"--kind must be cil or mtil, not {kind!r}")
+    result = score_matrix(file, kind)
+    if as_json:
+        _print_json(result)
+        return
+    table = Table("metric", "value")
+    for key, value in result.items():
+        if isinstance(value, float):
+            table.add_row(key, f"{value:.2f}")
+        elif isinstance(value, list):
+            table.add_row(key, ", ".join("-" if v is None else f"{v:.2f}" for v in value))
+        elif value is not None:
+            table.add_row(key, str(value))
+    console.print(table)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except CilbenchError as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise SystemExit(err.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        raise SystemExit(130)
+    except (typer.Exit, SystemExit) as e:
+        raise SystemExit(getattr(e, "exit_code", getattr(e, "code", 0)))
+    except Exception as err:
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            raise SystemExit(err.exit_code)
+        if isinstance(err, click.exceptions.Abort):
+            err_console.print("aborted")
+            raise SystemExit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: catalog -> prepared store -> scenario."""

@@ -1,0 +1,1 @@
+"""The common loop: trainer, evaluator, runner."""

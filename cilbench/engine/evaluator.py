@@ -1,0 +1,85 @@
+"""The one evaluator, and feature extraction for methods that keep statistics.
+
+Class-incremental rows score every seen class (argmax over the seen classes); MTIL rows score each dataset among
+its own classes and are filled for every dataset, unseen ones included (Transfer needs them).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cilbench.data.augment import ImageTransform
+from cilbench.engine.loader import BatchStream, TaskData
+from cilbench.engine.trainer import autocast
+
+
+@dataclass
+class EvalRow:
+    correct: list[int | None]
+    total: list[int]
+    seconds: float
+    images: int
+
+    @property
+    def accuracy(self) -> list[float | None]:
+        return [None if c is None else (100.0 * c / t if t else 0.0) for c, t in zip(self.correct, self.total)]
+
+
+@torch.no_grad()
+def evaluate_row(method, scenario, row: int, test: list[TaskData], transform: ImageTransform,
+                 device: torch.device, batch_size: int) -> EvalRow:
+    """Accuracy of every evaluated column after training task ``row``."""
+    method.eval()
+    start = time.perf_counter()
+    n_tasks = len(scenario.tasks)
+    correct: list[int | None] = [None] * n_tasks
+    images = 0
+    if scenario.kind == "cil":
+        # one pass over the test images of all seen tasks, argmax over all seen classes
+        seen = torch.tensor(scenario.seen_classes(row), device=device)
+        data = TaskData.concat(test[: row + 1])
+        which_task = np.concatenate([np.full(len(t), j) for j, t in enumerate(test[: row + 1])])
+        hits = np.zeros(len(data), dtype=bool)
+        for raw in BatchStream(data, batch_size, device):
+            pred = _predict(method, transform(raw.images, train=False), seen, device)
+            hits[raw.rows] = (pred == raw.labels).cpu().numpy()
+            images += len(raw.rows)
+        for j in range(row + 1):
+            correct[j] = int(hits[which_task == j].sum())
+    else:
+        for j, task in enumerate(scenario.tasks):
+            classes = torch.tensor(task.classes, device=device)
+            c = 0
+            for raw in BatchStream(test[j], batch_size, device):
+                pred = _predict(method, transform(raw.images, train=False), classes, device)
+                c += int((pred == raw.labels).sum())
+                images += len(raw.rows)
+            correct[j] = c
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return EvalRow(correct, [len(t) for t in test], time.perf_counter() - start, images)
+
+
+def _predict(method, images: torch.Tensor, classes: torch.Tensor, device: torch.device) -> torch.Tensor:
+    with autocast(device):
+        scores = method.logits(images, classes)
+    return classes[scores.float().argmax(1)]
+
+
+@torch.no_grad()
+def extract_features(encode, data: TaskData, transform: ImageTransform, device: torch.device, batch_size: int,
+                     train_transform: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every image of ``data`` in order (eval transform unless ``train_transform``), float32."""
+    feats, labels = [], []
+    for raw in BatchStream(data, batch_size, device):
+        with autocast(device):
+            f = encode(transform(raw.images, train=train_transform))
+        feats.append(f.float())
+        labels.append(raw.labels)
+    if not feats:
+        return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat(feats), torch.cat(labels)

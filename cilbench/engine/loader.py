@@ -1,0 +1,125 @@
+"""Batches straight from the memory-mapped store to the device, with a prefetch thread.
+
+No image is decoded here: a batch is a gather of uint8 rows from the store (indices sorted for locality), pinned
+and copied asynchronously; the transform then runs on the device. The time the consumer waits for a batch is
+measured, so run records can say what fraction of training was spent waiting for data.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+
+@dataclass
+class TaskData:
+    """The images of one task and split: rows of a store plus their labels in the scenario's global ids."""
+
+    images: np.ndarray  # uint8 [N_store, S, S, 3] (memory-mapped)
+    indices: np.ndarray  # int64 rows of ``images`` in this subset
+    labels: np.ndarray  # int64 global class ids, aligned with ``indices``
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def subset(self, mask: np.ndarray) -> "TaskData":
+        return TaskData(self.images, self.indices[mask], self.labels[mask])
+
+    @staticmethod
+    def concat(parts: list["TaskData"]) -> "TaskData":
+        assert all(p.images is parts[0].images for p in parts), "can only join subsets of one store"
+        return TaskData(parts[0].images, np.concatenate([p.indices for p in parts]),
+                        np.concatenate([p.labels for p in parts]))
+
+
+@dataclass
+class RawBatch:
+    images: torch.Tensor  # uint8 [B, S, S, 3] on the device
+    labels: torch.Tensor  # int64 [B] on the device
+    rows: np.ndarray  # positions of this batch within the TaskData (for feature caching)
+
+
+class BatchStream:
+    """Iterates a ``TaskData`` in batches; ``shuffle`` uses a generator seeded by the caller (resumable)."""
+
+    def __init__(self, data: TaskData, batch_size: int, device: torch.device, shuffle: bool = False,
+                 seed: int | tuple[int, ...] = 0, drop_last: bool = False, prefetch: int = 3):
+        self.data, self.batch_size, self.device = data, batch_size, device
+        self.shuffle, self.seed, self.drop_last, self.prefetch = shuffle, seed, drop_last, prefetch
+        self.wait_s = 0.0
+        self.images_seen = 0
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _order(self) -> np.ndarray:
+        n = len(self.data)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng(self.seed).permutation(n)
+
+    def _load(self, rows: np.ndarray) -> RawBatch:
+        # gather in store order (sequential reads), then restore the requested order
+        store_rows = self.data.indices[rows]
+        sort = np.argsort(store_rows, kind="stable")
+        gathered = np.empty((len(rows),) + self.data.images.shape[1:], dtype=np.uint8)
+        gathered[sort] = self.data.images[store_rows[sort]]
+        images = torch.from_numpy(gathered)
+        labels = torch.from_numpy(self.data.labels[rows])
+        if self.device.type == "cuda":
+            images, labels = images.pin_memory(), labels.pin_memory()
+        return RawBatch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), rows)
+
+    def __iter__(self) -> Iterator[RawBatch]:
+        order = self._order()
+        chunks = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if self.drop_last and chunks and len(chunks[-1]) < self.batch_size:
+            chunks = chunks[:-1]
+        if self.prefetch <= 0 or len(chunks) <= 1:
+            for rows in chunks:
+                t0 = time.perf_counter()
+                batch = self._load(rows)
+                self.wait_s += time.perf_counter() - t0
+                self.images_seen += len(rows)
+                yield batch
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def worker() -> None:
+            try:
+                for rows in chunks:
+                    if stop.is_set():
+                        return
+                    q.put(self._load(rows))
+                q.put(None)
+            except BaseException as err:  # surfaced in the consumer
+                q.put(err)
+
+        thread = threading.Thread(target=worker, daemon=True)
+        thread.start()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                item = q.get()
+                self.wait_s += time.perf_counter() - t0
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                self.images_seen += len(item.labels)
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)

@@ -1,0 +1,344 @@
+"""The task loop: scenario -> for each task (before, fit, after, evaluate, checkpoint) -> run record.
+
+Determinism and resume: every task starts from a seed derived from (run seed, task index), shuffles use generators
+seeded by (seed, task, epoch), and a checkpoint (atomic) is written after every task. ``resume`` rebuilds the
+method, replays the structural ``before_task`` hooks of the finished tasks, loads the checkpoint and continues, so a
+run killed at any point and resumed ends with the same record numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from cilbench import metrics
+from cilbench.data.augment import PRESETS
+from cilbench.data.catalog import DatasetSpec, SequenceSpec, get_spec
+from cilbench.data.scenario import Scenario, Task, build_scenario
+from cilbench.engine.evaluator import evaluate_row, extract_features
+from cilbench.engine.loader import TaskData
+from cilbench.engine.trainer import fit
+from cilbench.errors import CilbenchError
+from cilbench.methods import load_method
+from cilbench.methods.base import Method, resolve_config
+from cilbench.models.backbones import BACKBONES, build_backbone
+from cilbench.results.record import SCHEMA_VERSION, record_filename
+from cilbench.utils import atomic_path, atomic_write_json, cache_dir, git_hash, package_versions, seed_everything
+
+QUICK_TRAIN_PER_CLASS = 40
+QUICK_TEST_PER_CLASS = 20
+
+
+@dataclass
+class RunOptions:
+    method: str
+    dataset: str
+    scenario: str | None = None
+    order: str | None = None  # MTIL order I | II
+    class_order: str | None = None  # a fixed published order instead of the seeded permutation
+    seed: int = 1993
+    backbone: str | None = None
+    weights: str | None = None
+    sets: dict[str, str] = field(default_factory=dict)
+    out: Path = Path("results")
+    device: str = "auto"
+    resume: bool = False
+    quick: bool = False
+    cache_dir: Path | None = None
+    tag: str = ""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CilbenchError("--device cuda asked for, but torch sees no CUDA device; use --device cpu or auto")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise CilbenchError(f"unknown device {name!r} (auto, cpu, cuda)")
+    return torch.device(name)
+
+
+def task_seed(seed: int, task_index: int) -> int:
+    return (seed * 1_000_003 + task_index * 7919) % (2**31 - 1)
+
+
+@dataclass
+class TaskContext:
+    """What ``after_task`` may use: the task's training data and shared feature extraction."""
+
+    task: Task
+    train: TaskData
+    device: torch.device
+    transform: Any
+    batch_size: int
+
+    def features(self, encode: Callable[[torch.Tensor], torch.Tensor], data: TaskData | None = None,
+                 train_transform: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return extract_features(encode, self.train if data is None else data, self.transform, self.device,
+                                self.batch_size, train_transform)
+
+
+class ScenarioData:
+    """Train and test ``TaskData`` of every task, read from the prepared stores."""
+
+    def __init__(self, scenario: Scenario, cache: Path, quick: bool, seed: int):
+        from cilbench.data.prepare import open_store
+
+        self.train: list[TaskData] = []
+        self.test: list[TaskData] = []
+        self.image_sizes: set[int] = set()
+        stores: dict[str, Any] = {}
+        for task in scenario.tasks:
+            base, _, domain = task.dataset.partition("/")
+            if base not in stores:
+                stores[base] = open_store(base, cache)
+            store = stores[base]
+            self.image_sizes.add(store.image_size)
+            for split_name, out, cap in (("train", self.train, QUICK_TRAIN_PER_CLASS),
+                                         ("test", self.test, QUICK_TEST_PER_CLASS)):
+                split = store.split(split_name)
+                labels = split.labels
+                if domain:
+                    # a domain of a multi-domain store: its classes, relabelled 0..k-1
+                    mask = split.domains == int(domain)
+                    local = np.full(int(labels.max()) + 1, -1)
+                    own = np.unique(labels[mask])
+                    local[own] = np.arange(len(own))
+                    labels = np.where(mask, local[labels], -1)
+                lut = np.full(max(int(labels.max()) + 1, max(task.source_labels) + 1), -1, dtype=np.int64)
+                lut[list(task.source_labels)] = task.classes
+                glob = np.where(labels >= 0, lut[np.clip(labels, 0, None)], -1)
+                rows = np.nonzero(glob >= 0)[0]
+                if quick:
+                    rows = _cap_per_class(rows, glob[rows], cap, seed)
+                out.append(TaskData(split.images, rows, glob[rows]))
+            self.stores = stores
+        for t, task in enumerate(scenario.tasks):
+            if len(self.train[t]) == 0 or len(self.test[t]) == 0:
+                raise CilbenchError(f"{task.name} of {scenario.dataset} has no training or test images; "
+                                    f"the prepared store does not hold its classes")
+
+    def class_names(self, task: Task) -> tuple[str, ...]:
+        base, _, domain = task.dataset.partition("/")
+        names = self.stores[base].class_names
+        if domain:
+            k = len(task.classes)
+            names = names[int(domain) * k:(int(domain) + 1) * k]
+            return tuple(names)
+        return tuple(names[c] for c in task.source_labels)
+
+
+def _cap_per_class(rows: np.ndarray, labels: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):
+        idx = rows[labels == c]
+        keep.append(np.sort(rng.permutation(idx)[:cap]))
+    return np.sort(np.concatenate(keep)) if keep else rows
+
+
+def _merge_tasks(scenario: Scenario) -> Scenario:
+    """The joint upper bound: one task with every class of the scenario."""
+    tasks = scenario.tasks
+    merged = Task(0, "all classes", tasks[0].dataset, tuple(c for t in tasks for c in t.classes),
+                  tuple(c for t in tasks for c in t.source_labels), tuple(n for t in tasks for n in t.class_names))
+    return dataclasses.replace(scenario, tasks=[merged], name=scenario.name)
+
+
+class Runner:
+    def __init__(self, opts: RunOptions, console=None):
+        self.opts = opts
+        self.console = console
+        self.method_cls: type[Method] = load_method(opts.method)
+        meta = _method_meta(opts.method)
+        spec = get_spec(opts.dataset)
+        self.cfg, self.config_sources = resolve_config(self.method_cls, opts.dataset, opts.quick, opts.sets)
+        backbone = opts.backbone or meta.get("backbone", "vit-b16-in21k")
+        bspec = BACKBONES.get(backbone)
+        if meta.get("backbone_family") and bspec.family != meta["backbone_family"]:
+            raise CilbenchError(f"{opts.method} needs a {meta['backbone_family']} backbone, not {backbone}")
+        if opts.quick and bspec.tiny:
+            backbone = bspec.tiny
+        self.backbone_name = backbone
+        self.scenario = build_scenario(opts.dataset, opts.scenario, opts.seed, opts.class_order, opts.order)
+        if self.method_cls.merges_tasks:
+            self.scenario = _merge_tasks(self.scenario)
+        self.kind = self.scenario.kind
+        if self.kind == "mtil" and not self.method_cls.zero_shot:
+            raise CilbenchError(f"{opts.method} cannot score datasets it has not trained on, which the MTIL matrix "
+                                f"needs for Transfer; run a CLIP method on {opts.dataset}")
+        self.device = pick_device(opts.device)
+        self.cache = cache_dir(opts.cache_dir)
+        scenario_label = self.scenario.name + (f"-{opts.class_order}" if opts.class_order else "")
+        tag = opts.tag or ("quick" if opts.quick else "")
+        self.record_path = Path(opts.out) / record_filename(opts.method, opts.dataset, scenario_label, opts.seed,
+                                                            backbone, tag)
+        self.ckpt_path = Path(opts.out) / ".checkpoints" / (self.record_path.stem + ".pt")
+
+    def fingerprint(self) -> str:
+        """What must match for --resume to continue a checkpoint."""
+        o = self.opts
+        key = dict(method=o.method, dataset=o.dataset, scenario=self.scenario.name, order=o.class_order, seed=o.seed,
+                   backbone=self.backbone_name, quick=o.quick, config=dataclasses.asdict(self.cfg),
+                   weights=o.weights)
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def run(self, progress_factory: Callable | None = None) -> tuple[dict[str, Any], Path]:
+        opts, scenario, device = self.opts, self.scenario, self.device
+        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        wall = time.perf_counter()
+        seed_everything(opts.seed)
+        data = ScenarioData(scenario, self.cache, opts.quick, opts.seed)
+        scenario.tasks = [dataclasses.replace(t, class_names=data.class_names(t)) for t in scenario.tasks]
+        backbone = build_backbone(self.backbone_name, pretrained=True, weights=opts.weights)
+        preset = self.cfg.transform or backbone.spec.preset
+        if preset not in PRESETS:
+            raise CilbenchError(f"unknown transform preset {preset!r} ({', '.join(PRESETS)})")
+        transform = PRESETS[preset].with_size(backbone.input_size)
+        method = self.method_cls(self.cfg, backbone, scenario).to(device)
+        n = len(scenario.tasks)
+        matrix: list[list[float | None]] = []
+        timings: list[dict[str, Any]] = []
+        first = 0
+        if opts.resume and self.ckpt_path.is_file():
+            ckpt = torch.load(self.ckpt_path, map_location=device, weights_only=False)
+            if ckpt["fingerprint"] != self.fingerprint():
+                raise CilbenchError(f"checkpoint {self.ckpt_path} was made by a different command or config; "
+                                    f"run without --resume to start over")
+            first = ckpt["next_task"]
+            for task in scenario.tasks[:first]:
+                method.before_task(task)
+                method.seen_classes.extend(task.classes)
+            method.to(device)
+            method.load_checkpoint_state(ckpt["method"])
+            method.extra = ckpt["extra"]
+            matrix, timings = ckpt["matrix"], ckpt["timings"]
+            started = ckpt["started_at"]
+            self._say(f"resuming after task {first} of {n} from {self.ckpt_path}")
+        elif self.ckpt_path.exists():
+            self.ckpt_path.unlink()
+        for t in range(first, n):
+            task = scenario.tasks[t]
+            seed_everything(task_seed(opts.seed, t))
+            method.before_task(task)
+            method.to(device)
+            stats = fit(method, task, data.train[t], transform, device, task_seed(opts.seed, t),
+                        progress_factory)
+            method.seen_classes.extend(task.classes)
+            ctx = TaskContext(task, data.train[t], device, transform, self.cfg.eval_batch_size)
+            t0 = time.perf_counter()
+            method.after_task(task, ctx)
+            after_s = time.perf_counter() - t0
+            row = evaluate_row(method, scenario, t, data.test, transform, device, self.cfg.eval_batch_size)
+            matrix.append(row.accuracy)
+            timings.append(dict(task=t, train_s=round(stats.seconds, 4), after_task_s=round(after_s, 4),
+                                eval_s=round(row.seconds, 4), train_steps=stats.steps, train_images=stats.images,
+                                train_images_per_s=round(stats.images_per_s, 2),
+                                eval_images=row.images, eval_images_per_s=round(row.images / row.seconds, 2)
+                                if row.seconds > 0 else 0.0,
+                                data_wait_fraction=round(stats.data_wait_s / stats.seconds, 4)
+                                if stats.seconds > 0 else 0.0,
+                                skipped_steps=stats.skipped_steps, final_loss=stats.final_loss))
+            self._report_task(task, row, matrix, data)
+            self._checkpoint(method, t + 1, matrix, timings, started)
+            if os.environ.get("CILBENCH_TEST_KILL_AFTER_TASK") == str(t):  # test hook: a hard kill mid-run
+                os.kill(os.getpid(), signal.SIGKILL)
+        counts = [len(d) for d in data.test]
+        record = self._record(method, matrix, counts, timings, started, wall, data)
+        atomic_write_json(self.record_path, record)
+        if self.ckpt_path.exists():
+            self.ckpt_path.unlink()
+        return record, self.record_path
+
+    def _checkpoint(self, method: Method, next_task: int, matrix, timings, started: str) -> None:
+        state = dict(fingerprint=self.fingerprint(), next_task=next_task, method=method.checkpoint_state(),
+                     extra=method.extra, matrix=matrix, timings=timings, started_at=started)
+        with atomic_path(self.ckpt_path) as tmp:
+            torch.save(state, tmp)
+
+    def _say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text)
+
+    def _report_task(self, task: Task, row, matrix, data) -> None:
+        if self.console is None:
+            return
+        acc = [a for a in row.accuracy if a is not None]
+        if self.kind == "cil":
+            counts = [len(d) for d in data.test]
+            a_t = metrics.accuracy_per_step(matrix, counts)[-1]
+            self.console.print(f"[bold]{task.name}[/] ({len(task.classes)} classes): A_t = {a_t:.2f}")
+        else:
+            self.console.print(f"[bold]{task.name}[/]: mean over datasets {np.mean(acc):.2f}, "
+                               f"on {task.name} {row.accuracy[task.index]:.2f}")
+
+    def _record(self, method: Method, matrix, counts, timings, started, wall, data) -> dict[str, Any]:
+        opts, scenario = self.opts, self.scenario
+        summary = metrics.summary(self.kind, matrix, counts if self.kind == "cil" else None)
+        per_task = summary.pop("A_t", None) if self.kind == "cil" else [float(np.nanmean(
+            [v for v in r if v is not None])) for r in matrix]
+        device = {"type": self.device.type, "name": torch.cuda.get_device_name(self.device)
+                  if self.device.type == "cuda" else _cpu_name(), "torch_threads": torch.get_num_threads()}
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": self.record_path.stem,
+            "status": "complete",
+            "kind": self.kind,
+            "method": opts.method,
+            "dataset": opts.dataset,
+            "scenario": scenario.name,
+            "class_order": scenario.class_order,
+            "class_order_name": scenario.class_order_name,
+            "increments": scenario.increments,
+            "task_names": [t.name for t in scenario.tasks],
+            "seed": opts.seed,
+            "backbone": self.backbone_name,
+            "profile": "quick" if opts.quick else "full",
+            "comparable": not opts.quick,
+            "note": "quick smoke profile: tiny random backbone, few epochs, data subset; not comparable to papers"
+                    if opts.quick else "",
+            "config": dataclasses.asdict(self.cfg),
+            "config_sources": self.config_sources,
+            "run": {"device": opts.device, "cache_dir": str(self.cache), "weights": opts.weights,
+                    "image_sizes": sorted(data.image_sizes), "merged_tasks": self.method_cls.merges_tasks},
+            "accuracy_matrix": matrix,
+            "test_counts": counts,
+            "accuracy_per_task": per_task,
+            "metrics": summary,
+            "extra": method.extra,
+            "timings": {"tasks": timings, "total_s": round(time.perf_counter() - wall, 3)},
+            "device": device,
+            "versions": package_versions(),
+            "git": git_hash(),
+            "started_at": started,
+            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"
+
+
+def _method_meta(name: str) -> dict[str, Any]:
+    from cilbench.methods.base import METHODS
+
+    return METHODS.metadata(name)

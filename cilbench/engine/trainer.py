@@ -1,0 +1,119 @@
+"""The one training loop: optimiser from the method's param groups, warmup + cosine, bf16 autocast on CUDA,
+NaN guard, progress and timings. Methods own losses and parameters; the trainer owns everything else."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from cilbench.data.augment import ImageTransform
+from cilbench.engine.loader import BatchStream, TaskData
+from cilbench.errors import CilbenchError
+from cilbench.methods.base import Batch, Method, TrainConfig
+
+MAX_BAD_STEPS = 10
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    data_wait_s: float = 0.0
+    skipped_steps: int = 0
+    final_loss: float | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("param_groups returned no trainable parameters")
+    for g in groups:
+        g.setdefault("lr", cfg.lr)
+    name = cfg.optimizer.lower()
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise CilbenchError(f"unknown optimizer {cfg.optimizer!r} (sgd, adamw, adam)")
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio`` (or constant)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def fit(method: Method, task, data: TaskData, transform: ImageTransform, device: torch.device, seed: int,
+        progress: Callable[[str, int], Callable[[int, float], None]] | None = None) -> TrainStats:
+    """Train ``method`` on one task's data. ``progress(description, total_steps)`` returns an ``update(n, loss)``."""
+    stats = TrainStats()
+    cfg: TrainConfig = method.cfg
+    groups = method.param_groups(task)
+    if not groups or len(data) == 0:
+        return stats
+    optimizer = build_optimizer(groups, cfg)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    steps_per_epoch = max(1, -(-len(data) // cfg.batch_size))
+    total = cfg.iterations or method.epochs_for(task) * steps_per_epoch
+    warmup = cfg.warmup_iterations or int(round(cfg.warmup_epochs * steps_per_epoch))
+    min_ratio = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+    update = progress(f"train {task.name}", total) if progress else (lambda n, loss: None)
+    method.train()
+    bad = 0
+    start = time.perf_counter()
+    epoch = 0
+    while stats.steps < total:
+        stream = BatchStream(data, cfg.batch_size, device, shuffle=True, seed=(seed, task.index, epoch))
+        for raw in stream:
+            if stats.steps >= total:
+                break
+            for g, base in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base * lr_factor(stats.steps, total, warmup, cfg.schedule, min_ratio)
+            images = transform(raw.images, train=True)
+            with autocast(device):
+                loss = method.training_step(Batch(images, raw.labels, task))
+            optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                bad += 1
+                stats.skipped_steps += 1
+                if bad >= MAX_BAD_STEPS:
+                    raise CilbenchError(f"training diverged on {task.name}: the loss was not finite for "
+                                        f"{MAX_BAD_STEPS} steps in a row; lower the learning rate (--set lr=...)")
+            else:
+                bad = 0
+                loss.backward()
+                optimizer.step()
+                stats.final_loss = float(loss.detach())
+            stats.steps += 1
+            stats.images += len(raw.labels)
+            update(1, stats.final_loss if stats.final_loss is not None else float("nan"))
+        stats.data_wait_s += stream.wait_s
+        epoch += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stats.seconds = time.perf_counter() - start
+    method.eval()
+    return stats

@@ -1,0 +1,186 @@
+"""The method base: named hooks on one shared loop, a typed config with the paper's defaults and presets.
+
+A method says only what is particular to it: which parameters train (``param_groups``), its loss
+(``training_step``), what happens around a task (``before_task`` grows structure, ``after_task`` computes
+statistics), and how it scores candidate classes (``logits``). The trainer, evaluator, feature extraction,
+checkpoints and records are shared (``cilbench.engine``).
+
+Config resolution, later wins: the Config dataclass defaults (the paper's) -> ``presets[dataset]`` ->
+``quick`` (the smoke profile) -> the user's ``--set key=value``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from cilbench.errors import CilbenchError
+from cilbench.registry import Registry
+
+
+@dataclass
+class TrainConfig:
+    """Fields every method has; the trainer reads them. Methods subclass this with their paper's defaults."""
+
+    epochs: int = 10  # epochs per task (ignored when ``iterations`` is set)
+    first_epochs: int | None = None  # epochs of the first task when it differs (CICAE: 20 then 10)
+    iterations: int | None = None  # optimiser steps per task instead of epochs (MoE-Adapters: 1000)
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    optimizer: str = "sgd"  # sgd | adamw | adam
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | constant
+    warmup_epochs: float = 0.0
+    warmup_iterations: int = 0
+    min_lr: float = 0.0
+    label_smoothing: float = 0.0
+    transform: str | None = None  # augmentation preset (pilot | clip); None: the backbone's protocol
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # float [B, 3, H, W], transformed on the device
+    labels: torch.Tensor  # int64 global class ids
+    task: Any  # the Task being trained
+
+
+class Method(nn.Module):
+    Config: ClassVar[type] = TrainConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    quick: ClassVar[dict[str, Any]] = {}
+    merges_tasks: ClassVar[bool] = False  # train on all classes as one task (the joint upper bound)
+    zero_shot: ClassVar[bool] = False  # can score classes it was never trained on (needed by MTIL Transfer)
+    checkpoint_excludes: ClassVar[tuple[str, ...]] = ()  # state-dict prefixes that never change (frozen backbone)
+
+    def __init__(self, cfg: TrainConfig, backbone: nn.Module, scenario: Any):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.scenario = scenario
+        self.seen_classes: list[int] = []
+        self.extra: dict[str, Any] = {}  # method-specific curves for the run record
+
+    # ---- hooks, in the order the runner calls them ----
+    def before_task(self, task) -> None:
+        """Grow structure for ``task`` (heads, adapters). Structural only: it is replayed on resume."""
+
+    def param_groups(self, task) -> list[dict[str, Any]]:
+        """Optimiser parameter groups for this task, each ``dict(params=..., lr=...)``; [] means no training."""
+        return []
+
+    def training_step(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} trains but has no training_step")
+
+    def after_task(self, task, ctx) -> None:
+        """After training on ``task``: statistics, prototypes, freezing."""
+
+    def logits(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Scores [B, len(classes)] of the candidate global class ids ``classes``."""
+        raise NotImplementedError
+
+    # ---- helpers ----
+    def epochs_for(self, task) -> int:
+        if task.index == 0 and self.cfg.first_epochs is not None:
+            return self.cfg.first_epochs
+        return self.cfg.epochs
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        state = self.state_dict()
+        return {k: v for k, v in state.items() if not k.startswith(self.checkpoint_excludes)}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(self.checkpoint_excludes)]
+        if missing or unexpected:
+            raise CilbenchError(f"checkpoint does not fit {type(self).__name__}: missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]}; run again without --resume")
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(name: str, **metadata: Any):
+    """Decorator: ``@register_method("simplecil", paper=..., family=..., backbone=...)``."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        cls.name = name  # type: ignore[attr-defined]
+        METHODS.register(name, cls, **metadata)
+        return cls
+
+    return wrap
+
+
+# ---- config resolution ----
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, text: str, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, text, inner[0])
+    try:
+        if tp is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if origin in (tuple, list):
+            item = args[0] if args else str
+            vals = [_coerce(key, t.strip(), item) for t in text.strip("()[]").split(",") if t.strip()]
+            return tuple(vals) if origin is tuple else vals
+        return text
+    except ValueError:
+        raise CilbenchError(f"--set {key}={text}: expected {getattr(tp, '__name__', tp)}") from None
+
+
+def parse_sets(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise CilbenchError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def resolve_config(cls: type[Method], dataset: str, quick: bool, sets: dict[str, str]) -> tuple[TrainConfig, dict]:
+    """The method's config for this run and a description of where each override came from."""
+    types_ = _field_types(cls.Config)
+    values: dict[str, Any] = {}
+    preset = dict(cls.presets.get(dataset, {}))
+    values.update(preset)
+    if quick:
+        values.update(cls.quick)
+    for key, text in sets.items():
+        if key not in types_:
+            close = difflib.get_close_matches(key, list(types_), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise CilbenchError(f"method {cls.name} has no setting {key!r}{hint}")
+        values[key] = _coerce(key, text, types_[key])
+    cfg = cls.Config(**values)
+    return cfg, {"preset": preset, "quick": dict(cls.quick) if quick else {}, "set": dict(sets)}
+
+
+def config_defaults(cls: type[Method]) -> dict[str, Any]:
+    return dataclasses.asdict(cls.Config())

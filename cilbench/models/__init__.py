@@ -1,0 +1,1 @@
+"""Backbones, heads, adapters and CLIP text classifiers."""

@@ -1,0 +1,1 @@
+"""Run records, paper references, tables and regression checks."""

@@ -1,0 +1,379 @@
+"""Results tables: run records -> one row per run -> mean ± std over seeds -> method x (dataset, scenario) table.
+
+``collect`` reads every complete run record under a folder, ``aggregate`` groups the runs by
+(method, dataset, scenario, backbone, profile) over seeds, ``build_table`` lays the groups out as ``TableData``
+(rows = method, columns = dataset + scenario, one sub-column per headline metric) with the paper's number and the
+difference ours - paper where the reference store has one, and ``render`` prints it as a rich table, markdown, CSV
+or LaTeX (booktabs).
+
+Quick-profile runs (``profile != "full"``) get their own rows, labelled ``method [quick]``, and are never matched to
+paper numbers. Row and column orders default to sorted order; pass ``rows`` / ``columns`` (``RowSpec`` /
+``ColumnSpec``) to fix them, e.g. to rebuild a paper's table with its own order, labels and empty cells.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cilbench import metrics as metric_fns
+from cilbench.errors import CilbenchError
+from cilbench.results.record import iter_records
+from cilbench.results.references import paper_number
+
+GROUP_KEYS = ("method", "dataset", "scenario", "backbone", "profile")
+RUN_METRICS = {"cil": ("A_avg", "A_last", "forgetting"), "mtil": ("transfer", "average", "last")}
+HEADLINE_METRICS = {"cil": ("A_avg", "A_last"), "mtil": ("transfer", "average", "last")}
+ALL_METRICS = RUN_METRICS["cil"] + RUN_METRICS["mtil"]
+METRIC_LABELS = {"A_avg": "A_avg", "A_last": "A_last", "forgetting": "Forgetting", "transfer": "Transfer",
+                 "average": "Average", "last": "Last"}
+FORMATS = ("rich", "markdown", "csv", "latex")
+EMPTY = "-"  # a cell without runs
+
+
+# --------------------------------------------------------------------------------------------- runs and groups
+
+
+def collect(results_dir: str | Path) -> pd.DataFrame:
+    """One row per complete run record under ``results_dir``: the group keys, seed, kind, the metrics, path."""
+    rows = []
+    for path, record in iter_records(results_dir):
+        for key in ("method", "dataset", "scenario"):
+            if not record.get(key):
+                raise CilbenchError(f"{path}: run record lacks {key!r}")
+        kind = record.get("kind") or "cil"
+        scores = record.get("metrics") or {}
+        if not scores and record.get("accuracy_matrix"):
+            try:
+                scores = metric_fns.summary(kind, record["accuracy_matrix"], record.get("test_counts"))
+            except ValueError as err:
+                raise CilbenchError(f"{path}: {err}")
+        row: dict[str, Any] = {
+            "method": record["method"], "dataset": record["dataset"], "scenario": record["scenario"],
+            "backbone": record.get("backbone") or "",
+            "profile": record.get("profile") or ("full" if record.get("comparable", True) else "quick"),
+            "seed": record.get("seed"), "kind": kind, "finished_at": record.get("finished_at") or "",
+            "path": str(path),
+        }
+        for name in ALL_METRICS:
+            value = scores.get(name)
+            row[name] = float(value) if isinstance(value, (int, float)) else math.nan
+        rows.append(row)
+    columns = [*GROUP_KEYS, "seed", "kind", "finished_at", "path", *ALL_METRICS]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std (ddof=1; 0 for a single seed) of every metric per (method, dataset, scenario, backbone,
+    profile) group, with ``kind``, ``n`` (seeds) and ``seeds``. When one seed of a group has several records, the
+    last finished one counts."""
+    stats = [f"{m}_{s}" for m in ALL_METRICS for s in ("mean", "std")]
+    columns = [*GROUP_KEYS, "kind", "n", "seeds", *stats]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    runs = runs.sort_values(["finished_at", "path"]).drop_duplicates([*GROUP_KEYS, "seed"], keep="last")
+    groups = runs.groupby(list(GROUP_KEYS), sort=True, dropna=False)
+    out = groups.agg(kind=("kind", "first"), n=("seed", "size"),
+                     seeds=("seed", lambda s: tuple(sorted(int(x) for x in s.dropna()))))
+    for name in ALL_METRICS:
+        out[f"{name}_mean"] = groups[name].mean()
+        std = groups[name].std(ddof=1)
+        out[f"{name}_std"] = std.where(out["n"] > 1, np.where(out[f"{name}_mean"].isna(), np.nan, 0.0))
+    return out.reset_index()[columns]
+
+
+# --------------------------------------------------------------------------------------------- table layout
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One requested row. ``backbone`` / ``profile`` None: every one found (one row each, full profile first).
+
+    A row without runs is still shown (empty cells, paper numbers where the store has them); it is matched to
+    paper rows that name ``backbone``, or to backbone-less ones when ``backbone`` is None."""
+
+    method: str
+    backbone: str | None = None
+    profile: str | None = None
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """One requested (dataset, scenario) column; ``metrics`` None: the kind's headline metrics."""
+
+    dataset: str
+    scenario: str
+    metrics: tuple[str, ...] | None = None
+    label: str | None = None
+
+
+@dataclass
+class Cell:
+    """Our mean ± std over ``n`` seeds and, where matched, the paper's number."""
+
+    mean: float | None = None
+    std: float | None = None
+    n: int = 0
+    paper: float | None = None
+    paper_source: str | None = None  # "file.csv:line" of the reference row
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.mean is None or self.paper is None else self.mean - self.paper
+
+    def text(self) -> str:
+        """``mean ± std``, just ``mean`` for one seed, ``-`` without runs."""
+        if self.mean is None:
+            return EMPTY
+        if self.n < 2 or self.std is None:
+            return f"{self.mean:.2f}"
+        return f"{self.mean:.2f} ± {self.std:.2f}"
+
+    def paper_text(self) -> str:
+        """``paper 72.43, +0.51`` (``paper 72.43`` without our number); empty without a paper number."""
+        if self.paper is None:
+            return ""
+        return f"paper {self.paper:.2f}" + ("" if self.delta is None else f", {self.delta:+.2f}")
+
+
+@dataclass
+class TableRow:
+    method: str
+    backbone: str
+    profile: str
+    label: str
+
+
+@dataclass
+class TableColumn:
+    dataset: str
+    scenario: str
+    kind: str
+    metrics: tuple[str, ...]
+    label: str
+
+
+@dataclass
+class TableData:
+    """A laid-out table: ``cells[i][j][metric]`` is the cell of ``rows[i]`` in ``columns[j]``."""
+
+    rows: list[TableRow]
+    columns: list[TableColumn]
+    cells: list[list[dict[str, Cell]]]
+    show_reference: bool = False
+    notes: list[str] = field(default_factory=list)
+    title: str | None = None
+
+    def headers(self) -> list[tuple[int, str, str]]:
+        """Every (column index, metric, "label metric") sub-column, in order."""
+        return [(j, m, f"{c.label} {METRIC_LABELS.get(m, m)}") for j, c in enumerate(self.columns) for m in c.metrics]
+
+
+def build_table(results_dir: str | Path, references: pd.DataFrame | None = None,
+                rows: Sequence[str | RowSpec] | None = None, columns: Sequence[ColumnSpec] | None = None,
+                title: str | None = None) -> TableData:
+    """The table of every run under ``results_dir`` (see the module docstring); ``references`` (from
+    ``load_references``) adds paper numbers and deltas."""
+    groups = aggregate(collect(results_dir))
+    if groups.empty and not rows:
+        raise CilbenchError(f"no complete run records under {results_dir}")
+    return layout(groups, references, rows, columns, title)
+
+
+def layout(groups: pd.DataFrame, references: pd.DataFrame | None = None,
+           rows: Sequence[str | RowSpec] | None = None, columns: Sequence[ColumnSpec] | None = None,
+           title: str | None = None) -> TableData:
+    """Lay out aggregated groups (from ``aggregate``) as a table; ``build_table`` without the reading."""
+    table_rows = _rows(groups, rows)
+    table_cols = _columns(groups, columns)
+    index = {tuple(g[k] for k in GROUP_KEYS): g for g in groups.to_dict("records")}
+    notes: list[str] = []
+    cells = []
+    for r in table_rows:
+        line = []
+        for c in table_cols:
+            group = index.get((r.method, c.dataset, c.scenario, r.backbone, r.profile))
+            line.append({m: _cell(group, r, c, m, references, notes) for m in c.metrics})
+        cells.append(line)
+    if any(r.profile != "full" for r in table_rows):
+        notes.insert(0, "[quick]: quick-profile smoke runs, never compared with paper numbers")
+    return TableData(table_rows, table_cols, cells, references is not None, notes, title)
+
+
+def _cell(group: dict | None, row: TableRow, col: TableColumn, metric: str, references: pd.DataFrame | None,
+          notes: list[str]) -> Cell:
+    cell = Cell()
+    if group is not None and not _isnan(group.get(f"{metric}_mean")):
+        std = group.get(f"{metric}_std")
+        cell = Cell(float(group[f"{metric}_mean"]), None if _isnan(std) else float(std), int(group["n"]))
+    if references is not None and row.profile == "full":
+        found = paper_number(references, row.method, col.dataset, col.scenario, metric, row.backbone)
+        if found:
+            cell.paper, cell.paper_source = found.value, found.source
+            if found.conflict:
+                notes.append(f"{row.label} {col.label} {METRIC_LABELS.get(metric, metric)}: paper numbers differ "
+                             f"({found.conflict}); showing {found.source}")
+    return cell
+
+
+def _isnan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _natural(text: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def _rows(groups: pd.DataFrame, specs: Sequence[str | RowSpec] | None) -> list[TableRow]:
+    found = sorted({(g["method"], g["backbone"], g["profile"]) for g in groups.to_dict("records")},
+                   key=lambda k: (k[0], k[1], k[2] != "full", k[2]))
+    if specs is None:
+        picked = [(method, backbone, profile, None) for method, backbone, profile in found]
+    else:
+        picked = []
+        for spec in specs:
+            spec = RowSpec(spec) if isinstance(spec, str) else spec
+            hits = [k for k in found if k[0] == spec.method and spec.backbone in (None, k[1])
+                    and spec.profile in (None, k[2])]
+            if not hits:
+                hits = [(spec.method, spec.backbone or "", spec.profile or "full")]
+            picked += [(*k, spec.label) for k in hits]
+    backbones: dict[str, set[str]] = {}
+    for method, backbone, _, _ in picked:
+        backbones.setdefault(method, set()).add(backbone)
+    out = []
+    for method, backbone, profile, label in picked:
+        text = label or method
+        if len(backbones[method]) > 1 and backbone:  # name the backbone only where it tells rows apart
+            text += f" ({backbone})"
+        if profile != "full":
+            text += f" [{profile}]"
+        out.append(TableRow(method, backbone, profile, text))
+    return out
+
+
+def _columns(groups: pd.DataFrame, specs: Sequence[ColumnSpec] | None) -> list[TableColumn]:
+    kinds = {(g["dataset"], g["scenario"]): g["kind"] for g in groups.to_dict("records")}
+    if specs is None:
+        order = {"cil": 0, "mtil": 1}
+        keys = sorted(kinds, key=lambda k: (order.get(kinds[k], 2), k[0], _natural(k[1])))
+        specs = [ColumnSpec(dataset, scenario) for dataset, scenario in keys]
+    out = []
+    for spec in specs:
+        kind = kinds.get((spec.dataset, spec.scenario)) or ("mtil" if spec.scenario.startswith("order-") else "cil")
+        out.append(TableColumn(spec.dataset, spec.scenario, kind, tuple(spec.metrics or HEADLINE_METRICS[kind]),
+                               spec.label or f"{spec.dataset} {spec.scenario}"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- renderers
+
+
+def render(table: TableData, fmt: str) -> Any:
+    """``rich``: a ``rich.table.Table``; ``markdown``, ``csv``, ``latex``: a string."""
+    renderers = {"rich": render_rich, "markdown": render_markdown, "csv": render_csv, "latex": render_latex}
+    if fmt not in renderers:
+        raise CilbenchError(f"unknown table format {fmt!r} (one of {', '.join(FORMATS)})")
+    return renderers[fmt](table)
+
+
+def _with_paper(cell: Cell) -> str:
+    extra = cell.paper_text()
+    return f"{cell.text()} ({extra})" if extra else cell.text()
+
+
+def render_markdown(table: TableData) -> str:
+    headers = table.headers()
+    lines = [f"**{table.title}**", ""] if table.title else []
+    lines.append("| " + " | ".join(["method"] + [h for _, _, h in headers]) + " |")
+    lines.append("|:--" + "|--:" * len(headers) + "|")
+    for i, row in enumerate(table.rows):
+        cells = [_with_paper(table.cells[i][j][m]) for j, m, _ in headers]
+        lines.append("| " + " | ".join([row.label.replace("|", "\\|")] + cells) + " |")
+    if table.notes:
+        lines += [""] + [f"- {note}" for note in table.notes]
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(table: TableData) -> str:
+    """One line per row: the label, then per sub-column our ``mean ± std`` (and, with references, the paper's
+    number and the delta as plain numbers)."""
+    header = ["method"]
+    for _, _, h in table.headers():
+        header += [h] + ([f"{h} paper", f"{h} delta"] if table.show_reference else [])
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for i, row in enumerate(table.rows):
+        line = [row.label]
+        for j, m, _ in table.headers():
+            cell = table.cells[i][j][m]
+            line.append(cell.text())
+            if table.show_reference:
+                line += ["" if cell.paper is None else f"{cell.paper:.2f}",
+                         "" if cell.delta is None else f"{cell.delta:+.2f}"]
+        writer.writerow(line)
+    return buf.getvalue()
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+
+
+def render_latex(table: TableData) -> str:
+    """A booktabs ``tabular``: one column group per (dataset, scenario), one sub-column per metric."""
+    widths = [len(c.metrics) for c in table.columns]
+    lines = [r"\begin{tabular}{l" + "".join(" " + "r" * w for w in widths) + "}", r"\toprule"]
+    groups, rules, start = [], [], 2
+    for c, w in zip(table.columns, widths):
+        groups.append(rf"\multicolumn{{{w}}}{{c}}{{{_latex_escape(c.label)}}}")
+        rules.append(rf"\cmidrule(lr){{{start}-{start + w - 1}}}")
+        start += w
+    lines.append("Method & " + " & ".join(groups) + r" \\")
+    lines.append(" ".join(rules))
+    subs = [_latex_escape(METRIC_LABELS.get(m, m)) for c in table.columns for m in c.metrics]
+    lines.append(" & " + " & ".join(subs) + r" \\")
+    lines.append(r"\midrule")
+    for i, row in enumerate(table.rows):
+        cells = [_latex_escape(_with_paper(table.cells[i][j][m])).replace("±", r"$\pm$")
+                 for j, m, _ in table.headers()]
+        lines.append(" & ".join([_latex_escape(row.label)] + cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def render_rich(table: TableData):
+    """A ``rich.table.Table``; the paper's number and the delta (green when ours is higher) on a second line."""
+    from rich.table import Table
+    from rich.text import Text
+
+    out = Table(title=Text(table.title) if table.title else None,
+                caption=Text("\n".join(table.notes)) if table.notes else None, caption_justify="left")
+    out.add_column("method", no_wrap=True)
+    for j, m, _ in table.headers():
+        out.add_column(Text(f"{table.columns[j].label}\n{METRIC_LABELS.get(m, m)}"), justify="right")
+    for i, row in enumerate(table.rows):
+        cells: list[Text] = []
+        for j, m, _ in table.headers():
+            cell = table.cells[i][j][m]
+            text = Text(cell.text())
+            if cell.paper is not None:
+                text.append(f"\npaper {cell.paper:.2f}", style="dim")
+                if cell.delta is not None:
+                    text.append(f" {cell.delta:+.2f}", style="green" if cell.delta >= 0 else "red")
+            cells.append(text)
+        out.add_row(Text(row.label), *cells)
+    return out
