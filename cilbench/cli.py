@@ -292,9 +292,68 @@ def metrics_cmd(
     console.print(table)
 
 
+@app.command("table")
+def table_cmd(
+    results: Path = typer.Option(Path("results"), "--results", help="Folder of run records."),
+    fmt: str = typer.Option("rich", "--format", help="rich, markdown, csv or latex."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of printing."),
+    paper: bool = typer.Option(True, "--paper/--no-paper", help="Show stored paper numbers and deltas."),
+) -> None:
+    """Method x dataset tables of A_avg / A_last (Transfer / Average / Last for MTIL), seeds as mean ± std, with
+    the paper's number and the difference where one is stored.
+
+    Example: [bold]cilbench table --results results --format markdown[/]
+    """
+    from cilbench.results.references import load_references
+    from cilbench.results.tables import build_table, render
+    from cilbench.utils import atomic_write_text
+
+    table = build_table(results, load_references() if paper else None)
+    rendered = render(table, "markdown" if (output and fmt == "rich") else fmt)
+    if output:
+        atomic_write_text(output, rendered if isinstance(rendered, str) else str(rendered))
+        console.print(f"wrote {output}")
+    elif isinstance(rendered, str):
+        sys.stdout.write(rendered if rendered.endswith("\n") else rendered + "\n")
+    else:
+        console.print(rendered)
+
+
+@app.command("check")
+def check_cmd(
+    against: str = typer.Option(..., "--against", help="'paper' (the stored paper numbers) or a results folder."),
+    results: Path = typer.Option(Path("results"), "--results", help="Folder of run records to check."),
+    tolerance: float = typer.Option(1.0, "--tolerance", help="Allowed drop in percentage points."),
+    show_all: bool = typer.Option(False, "--all", help="Show every compared metric, not only regressions."),
+) -> None:
+    """Regression check for CI: exit 1 and a table of what regressed when a metric falls more than the tolerance
+    below the reference; exit 0 otherwise.
+
+    Example: [bold]cilbench check --results results --against baseline-results --tolerance 0.5[/]
+    """
+    import dataclasses
+
+    from cilbench.results.check import check, render_check
+
+    if against != "paper" and not Path(against).is_dir():
+        raise CilbenchError(f"--against must be 'paper' or an existing results folder; {against} is neither")
+    result = check(results, "paper" if against == "paper" else Path(against), tolerance)
+    shown = result if show_all else dataclasses.replace(result, rows=[r for r in result.rows
+                                                                     if r.status == "regressed"])
+    if shown.rows:
+        console.print(render_check(shown))
+    if not result.compared:
+        raise CilbenchError(result.summary() + "; comparing nothing is not a pass", exit_code=1)
+    console.print(result.summary())
+    if result.regressed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns Exit codes instead of raising without standalone mode
+        if isinstance(code, int) and code:
+            raise SystemExit(code)
     except CilbenchError as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise SystemExit(err.exit_code)

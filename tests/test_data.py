@@ -13,11 +13,18 @@ from _hub_fixtures import (cifar100_repo, colour_of, image_folder, imagenet_r_re
                            unique_spec)
 from cilbench.data import prepare as prep
 from cilbench.data import sources
-from cilbench.data.catalog import HubSource, SplitRule
+from cilbench.data.catalog import DATASETS, HubSource, SplitRule
 from cilbench.data.prepare import class_names, decode_image, open_store, prepare, store_path, stratified_split
 from cilbench.data.store import Store
 from cilbench.data.synthetic import make_synthetic
 from cilbench.errors import CilbenchError, HubUnreachable
+
+
+@pytest.fixture
+def temp_spec(monkeypatch):
+    """Register throw-away catalog entries for one test; the catalog is restored afterwards."""
+    monkeypatch.setattr(DATASETS, "_entries", dict(DATASETS._entries))
+    return unique_spec
 
 
 def _one_line(err: pytest.ExceptionInfo) -> str:
@@ -147,8 +154,8 @@ def test_corrupted_store_ends_in_one_line(tmp_path):
     _one_line(err)
 
 
-def test_interrupted_prepare_leaves_nothing(tmp_path, monkeypatch):
-    spec = unique_spec(num_classes=3, store_size=16)
+def test_interrupted_prepare_leaves_nothing(tmp_path, monkeypatch, temp_spec):
+    spec = temp_spec(num_classes=3, store_size=16)
     src = image_folder(tmp_path / "src", {"train": {"a": 4, "b": 4, "c": 4}, "test": {"a": 1, "b": 1, "c": 1}})
     cache = tmp_path / "cache"
     stale = cache / f".{spec.name}.999999999-deadbeef.partial"  # left by a killed process: removed on the next run
@@ -206,12 +213,13 @@ def test_wrong_number_of_classes_is_one_clear_error(tmp_path):
     assert not store_path("cifar100", tmp_path / "cache").exists()
 
 
-def test_single_split_source_gets_a_frozen_stratified_split(tmp_path):
-    spec = unique_spec(num_classes=4, store_size=16, split_rule=SplitRule(0.2, 1993),
+def test_single_split_source_gets_a_frozen_stratified_split(tmp_path, temp_spec):
+    spec = temp_spec(num_classes=4, store_size=16, split_rule=SplitRule(0.2, 1993),
                        hub=HubSource("axiong/imagenet-r", splits=(("all", "test"),), image_column="image",
                                      label_column="wnid", label_names_column="class_name"))
     classes = [("n0300", "toucan", 10), ("n0100", "goldfish", 15), ("n0200", "hammerhead", 11), ("n0050", "eel", 6)]
-    repo = imagenet_r_repo(tmp_path / "imagenet-r", classes, sizes=[(24, 20), (20, 30), (16, 16), (41, 17)])
+    sha = "0123456789abcdef" * 2 + "01234567"  # a folder of the HF cache: snapshots/<commit>/
+    repo = imagenet_r_repo(tmp_path / "snapshots" / sha, classes, sizes=[(24, 20), (20, 30), (16, 16), (41, 17)])
     cache = tmp_path / "cache"
     store = prepare(spec.name, cache, source=str(repo), progress=False)
     # ids index the sorted WordNet ids; names come from the class_name column
@@ -235,11 +243,12 @@ def test_single_split_source_gets_a_frozen_stratified_split(tmp_path):
               np.asarray(again.split("test").images))
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
     assert again.manifest["source"]["fingerprint"] == store.manifest["source"]["fingerprint"]
+    assert store.manifest["source"]["resolved_revision"] == sha
 
 
-def test_parts_are_concatenated_as_domains(tmp_path, monkeypatch):
+def test_parts_are_concatenated_as_domains(tmp_path, monkeypatch, temp_spec):
     """A VTAB-like dataset: the first k classes of each hub dataset, in order, one domain each (hub mocked)."""
-    spec = unique_spec(num_classes=4, store_size=8, parts=(HubSource("org/alpha", first_classes=2),
+    spec = temp_spec(num_classes=4, store_size=8, parts=(HubSource("org/alpha", first_classes=2),
                                                            HubSource("org/beta", first_classes=2)))
     repos = {"org/alpha": labelled_repo(tmp_path / "alpha", 5, {"train": {0: 2, 1: 1, 4: 3}, "test": {1: 2, 3: 1}}),
              "org/beta": labelled_repo(tmp_path / "beta", 3, {"train": {0: 1, 1: 2, 2: 2}, "test": {0: 1}})}
@@ -260,8 +269,8 @@ def test_parts_are_concatenated_as_domains(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- ImageFolder trees
 
-def test_image_folder_source(tmp_path):
-    spec = unique_spec(num_classes=3, store_size=16)
+def test_image_folder_source(tmp_path, temp_spec):
+    spec = temp_spec(num_classes=3, store_size=16)
     src = image_folder(tmp_path / "archive", {"train": {"n02": 3, "n01": 4, "n03": 2}, "test": {"n01": 1, "n03": 2}})
     (src / "train" / "n01" / "notes.txt").write_text("not an image")
     store = prepare(spec.name, tmp_path / "cache", source=str(src), progress=False)
@@ -274,8 +283,8 @@ def test_image_folder_source(tmp_path):
     assert (train.images[0] == np.array(colour_of(0), np.uint8)).all()
 
 
-def test_image_folder_with_the_wrong_number_of_classes(tmp_path):
-    spec = unique_spec(num_classes=3, store_size=16)
+def test_image_folder_with_the_wrong_number_of_classes(tmp_path, temp_spec):
+    spec = temp_spec(num_classes=3, store_size=16)
     src = image_folder(tmp_path / "archive", {"train": {"a": 1, "b": 1}, "test": {"a": 1, "b": 1}})
     with pytest.raises(CilbenchError, match="2 class folders") as err:
         prepare(spec.name, tmp_path / "cache", source=str(src), progress=False)
@@ -294,8 +303,8 @@ def test_missing_or_unreadable_local_source(tmp_path):
     assert not store_path("cifar100", tmp_path / "cache").exists()
 
 
-def test_native_size_sources_must_share_one_size(tmp_path):
-    spec = unique_spec(num_classes=2, store_size=None)
+def test_native_size_sources_must_share_one_size(tmp_path, temp_spec):
+    spec = temp_spec(num_classes=2, store_size=None)
     src = image_folder(tmp_path / "a", {"train": {"x": 2, "y": 1}, "test": {"x": 1}}, size=(12, 12))
     solid((1, 2, 3), 10, 10).save(src / "train" / "y" / "odd.png")
     with pytest.raises(CilbenchError, match="differ in size"):

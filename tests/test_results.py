@@ -106,8 +106,8 @@ def test_matrix_json_list_with_missing_upper_triangle(tmp_path):
     assert matrix.shape == (3, 3) and np.isnan(matrix[0, 1:]).all() and np.isnan(matrix[1, 2])
     assert matrix[2].tolist() == [60, 65, 50] and counts is None and kind is None
     scores = matrix_io.score_matrix(path)
-    assert scores["kind"] == "cil" and scores["metrics"]["A_last"] == pytest.approx(175 / 3)
-    assert scores["metrics"]["forgetting"] == pytest.approx(15.0)
+    assert scores["kind"] == "cil" and scores["A_last"] == pytest.approx(175 / 3)
+    assert scores["forgetting"] == pytest.approx(15.0) and "note" not in scores
 
 
 def test_matrix_json_object_ragged_rows_counts_kind(tmp_path):
@@ -115,7 +115,7 @@ def test_matrix_json_object_ragged_rows_counts_kind(tmp_path):
     path.write_text(json.dumps({"matrix": [[80], [85, 70]], "counts": [100, 200], "kind": "cil"}))
     matrix, counts, kind = matrix_io.load_matrix(path)
     assert np.isnan(matrix[0, 1]) and counts == [100, 200] and kind == "cil"
-    assert matrix_io.score_matrix(path)["metrics"]["A_last"] == pytest.approx((85 * 100 + 70 * 200) / 300)
+    assert matrix_io.score_matrix(path)["A_last"] == pytest.approx((85 * 100 + 70 * 200) / 300)
 
 
 def test_matrix_csv_with_and_without_header(tmp_path):
@@ -150,7 +150,7 @@ def test_matrix_from_run_record(tmp_path):
     assert found.kind == "mtil" and found.counts == [10, 10] and found.source_format == "record"
     assert not found.converted_from_fractions and found.matrix[1, 1] == 0.9
     scores = matrix_io.score_matrix(path)
-    assert scores["kind"] == "mtil" and scores["metrics"]["transfer"] == pytest.approx(0.4)
+    assert scores["kind"] == "mtil" and scores["transfer"] == pytest.approx(0.4)
     assert matrix_io.score_matrix(path, kind="cil")["kind"] == "cil"  # the argument wins
 
 
@@ -160,7 +160,8 @@ def test_matrix_fractions_become_percent_unless_the_file_says(tmp_path):
     found = matrix_io.read_matrix(path)
     assert found.converted_from_fractions
     np.testing.assert_allclose(found.matrix[1], [75.0, 50.0])
-    assert matrix_io.score_matrix(path)["metrics"]["A_last"] == pytest.approx(62.5)
+    scores = matrix_io.score_matrix(path)
+    assert scores["A_last"] == pytest.approx(62.5) and "fractions" in scores["note"]
     said = tmp_path / "said.json"
     said.write_text(json.dumps({"matrix": [[0.8, None], [0.75, 0.5]], "unit": "percent"}))
     assert matrix_io.load_matrix(said)[0][1, 1] == 0.5

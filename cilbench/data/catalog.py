@@ -61,6 +61,7 @@ class DatasetSpec:
     templates: str = "default"  # key into cilbench.models.templates
     paper_counts: tuple[int, int] | None = None  # train / test images of the papers' archives
     notes: str = ""
+    default_scenario: str = "B0Inc10"  # the papers' usual split for this dataset
     builder_options: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -115,9 +116,11 @@ _IMAGEFOLDER = "<dir>/{train,test}/<class>/*.jpg"
 for _spec in [
     # ---- offline datasets, no network ----
     DatasetSpec("synthetic", 20, "procedural images with real class structure (shape x colour x texture), 4 domains",
+                default_scenario="B0Inc5",
                 builder="synthetic", store_size=32, templates="synthetic",
                 builder_options=dict(num_classes=20, num_domains=4, train_per_class=24, test_per_class=8, size=32)),
     DatasetSpec("digits", 10, "scikit-learn's bundled handwritten digits (1,797 real 8x8 images, UCI)",
+                default_scenario="B0Inc2",
                 builder="digits", store_size=None, split_rule=_ONE_SPLIT_80_20, templates="mnist",
                 class_names=tuple("0123456789")),
     # ---- class-incremental benchmarks (PILOT / EASE / MOS / CICAE) ----
@@ -125,6 +128,7 @@ for _spec in [
                 hub=HubSource("uoft-cs/cifar100", image_column="img", label_column="fine_label"),
                 store_size=None, templates="cifar100", paper_counts=(50000, 10000)),
     DatasetSpec("tinyimagenet", 200, "TinyImageNet-200 (validation set used as test)",
+                default_scenario="B100Inc20",
                 hub=HubSource("zh-plus/tiny-imagenet", revision="b427d143d5e9bf39d5132c552063f3c5ba3facd6",
                               splits=(("train", "train"), ("test", "valid")), image_column="image",
                               label_column="label"),
@@ -132,12 +136,14 @@ for _spec in [
                 notes="label indices must match continuum's TinyImageNet200 for the tinyimagenet-zscl order: "
                       "both sort the WordNet ids, checked at prepare time"),
     DatasetSpec("imagenet-r", 200, "ImageNet-R (renditions of 200 ImageNet classes)",
+                default_scenario="B0Inc20",
                 hub=HubSource("axiong/imagenet-r", splits=(("all", "test"),), image_column="image",
                               label_column="wnid", label_names_column="class_name"),
                 split_rule=_ONE_SPLIT_80_20, templates="imagenet", paper_counts=(24000, 6000),
                 notes="the PILOT archive's 24k/6k split is not public as a list: the seeded 80/20 split here is "
                       "built and frozen; pass the archive as a local folder for the papers' exact split"),
     DatasetSpec("imagenet-a", 200, "ImageNet-A (natural adversarial examples, 200 classes)",
+                default_scenario="B0Inc20",
                 hub=HubSource("barkermrl/imagenet-a", splits=(("all", "train"),), image_column="image",
                               label_column="label"),
                 split_rule=_ONE_SPLIT_80_20, templates="imagenet", paper_counts=(5981, 1519),
@@ -150,6 +156,7 @@ for _spec in [
                 local_only=f"the RevisitingCIL archive (licence forbids redistribution) as {_IMAGEFOLDER}",
                 templates="imagenet", paper_counts=(26509, 6628)),
     DatasetSpec("omnibenchmark", 300, "OmniBenchmark (300-class subset of RevisitingCIL)",
+                default_scenario="B0Inc30",
                 local_only=f"the RevisitingCIL archive as {_IMAGEFOLDER}", paper_counts=(89697, 5983)),
     DatasetSpec("vtab", 50, "VTAB-CIL: 5 domains x 10 classes (resisc45, dtd, pets, eurosat, flowers)",
                 parts=(HubSource("timm/resisc45", first_classes=10), HubSource("tanganke/dtd", first_classes=10),
@@ -160,6 +167,7 @@ for _spec in [
                 notes="approximation: rebuilt from the first 10 classes of each hub dataset with their official "
                       "splits; the papers' archive (1,796 / 8,619) differs: pass it as a local folder to match"),
     DatasetSpec("imagenet100", 100, "ImageNet-100 (DNE / DyTox / PODNet class list)",
+                default_scenario="B50Inc10",
                 local_only=f"an ImageNet-1k subset with the 100 WordNet ids of imagenet100_classes.txt as "
                            f"{_IMAGEFOLDER} (ImageNet-1k is gated on the hub)",
                 paper_counts=(126689, 5000), templates="imagenet"),

@@ -26,7 +26,7 @@ import numpy as np
 
 from cilbench.data.catalog import DatasetSpec, SequenceSpec, SplitRule, get_spec
 from cilbench.data.sources import Source, hub_source, imagefolder_source, is_imagefolder
-from cilbench.data.store import Store, StoreWriter
+from cilbench.data.store import Store, StoreWriter, remove_dead_temp_dirs
 from cilbench.errors import CilbenchError
 
 CHUNK = 256  # rows decoded per batch: bounds memory (256 x 256 x 256 x 3 bytes = 50 MB) while keeping threads busy
@@ -89,7 +89,8 @@ def prepare(name: str, cache_dir: Path, source: str = "hub", force: bool = False
         return _build(spec, root, imagefolder_source(spec, local), progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
     # the Arrow copy `datasets` makes of a local folder is only needed while decoding: keep it out of the HF cache
-    with tempfile.TemporaryDirectory(prefix=".hf-", dir=cache_dir) as tmp:
+    remove_dead_temp_dirs(cache_dir, ".hf-")
+    with tempfile.TemporaryDirectory(prefix=f".hf-{os.getpid()}-", dir=cache_dir) as tmp:
         return _build(spec, root, hub_source(spec, str(local), None, Path(tmp), progress), progress)
 
 

@@ -183,4 +183,4 @@ def build_scenario(dataset: str, scenario: str | None = None, seed: int = 1993, 
         if scenario and not scenario.startswith("order-"):
             raise CilbenchError(f"{dataset} is a dataset sequence: use --order I|II, not --scenario {scenario}")
         return sequence_scenario(dataset, mtil_order or (scenario or "").removeprefix("order-") or None, seed)
-    return cil_scenario(dataset, scenario or "B0Inc10", seed, order_name)
+    return cil_scenario(dataset, scenario or spec.default_scenario, seed, order_name)

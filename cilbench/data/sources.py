@@ -55,9 +55,10 @@ class Source:
     domain_names: list[str] | None = None
 
 
-def local_instructions(name: str) -> str:
-    return (f"prepare from a local copy with `cilbench datasets prepare {name} --source PATH` (a copy of the hub repo, "
-            f"or an ImageFolder <dir>/{{train,test}}/<class>/)")
+def local_instructions(name: str, hub_copy: bool = True) -> str:
+    what = "a copy of the hub repo, or an ImageFolder" if hub_copy else "an ImageFolder"
+    return f"prepare from a local copy with `cilbench datasets prepare {name} --source PATH` ({what} " \
+           f"<dir>/{{train,test}}/<class>/)"
 
 
 # ---------------------------------------------------------------- network failures
@@ -90,9 +91,15 @@ def network_reason(err: BaseException) -> str | None:
     return None
 
 
+def _instructions(name: str) -> str:
+    from cilbench.data.catalog import get_spec
+
+    # a dataset rebuilt from several repositories (VTAB) takes an ImageFolder only
+    return local_instructions(name, hub_copy=not getattr(get_spec(name), "parts", ()))
+
+
 def _unreachable(repo: str, name: str, reason: str) -> HubUnreachable:
-    return HubUnreachable(f"cannot reach the Hugging Face hub to download {repo} ({reason}); "
-                          + local_instructions(name))
+    return HubUnreachable(f"cannot reach the Hugging Face hub to download {repo} ({reason}); " + _instructions(name))
 
 
 def resolve_revision(repo: str, revision: str | None, name: str) -> str | None:
@@ -106,12 +113,12 @@ def resolve_revision(repo: str, revision: str | None, name: str) -> str | None:
         return HfApi().dataset_info(repo, revision=revision, timeout=HUB_TIMEOUT_S).sha
     except hf_errors.GatedRepoError:
         raise CilbenchError(f"{repo} is gated on the hub: accept its terms on huggingface.co and log in with "
-                            f"`hf auth login`, or " + local_instructions(name)) from None
+                            f"`hf auth login`, or " + _instructions(name)) from None
     except hf_errors.RevisionNotFoundError:
         raise CilbenchError(f"revision {revision!r} of {repo} does not exist on the hub") from None
     except hf_errors.RepositoryNotFoundError:
         raise CilbenchError(f"dataset repository {repo} not found on the hub (or it is private: log in with "
-                            f"`hf auth login`); " + local_instructions(name)) from None
+                            f"`hf auth login`); " + _instructions(name)) from None
     except Exception as err:  # noqa: BLE001 - classified below, re-raised when not a network failure
         if reason := network_reason(err):
             raise _unreachable(repo, name, reason) from None
@@ -154,7 +161,7 @@ def _columns(features: dict[str, Any], hub: HubSource, where: str) -> tuple[str,
 
     image = hub.image_column or next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
     label = hub.label_column or next((k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
-    for what, col in (("image", image), ("label", label)):
+    for what, col in (("image", image), ("label", label), ("class-name", hub.label_names_column or label)):
         if col is None or col not in features:
             raise CilbenchError(f"{where} has no {what} column{f' {col!r}' if col else ''} (columns: "
                                 f"{', '.join(features)}); is it a copy of {hub.repo}?")
@@ -205,7 +212,7 @@ def hub_source(spec: DatasetSpec, where: str | None, hub_cache: Path | None, loc
             labels = np.where(labels >= 0, labels + offset, -1)
             rows.append(Rows(f"{hub.repo}:{theirs}", ours, labels, _image_fetcher(ds, image_col),
                              d if len(parts) > 1 else None))
-        resolved = revision or _datasets_revision(first)
+        resolved = revision or (local_revision(Path(where)) if where else _datasets_revision(first))
         infos.append({"repo": hub.repo, "config": hub.config, "revision": hub.revision, "resolved_revision": resolved,
                       "image_column": image_col, "label_column": label_col, "class_names_from": names_from,
                       "first_classes": hub.first_classes, "splits": dict(hub.splits)})
@@ -218,11 +225,37 @@ def hub_source(spec: DatasetSpec, where: str | None, hub_cache: Path | None, loc
     return Source(rows, names, info, domain_names)
 
 
+def _is_sha(text: str) -> bool:
+    return len(text) == 40 and all(c in "0123456789abcdef" for c in text)
+
+
+def local_revision(folder: Path) -> str | None:
+    """The commit of a local copy, when it tells: an HF cache snapshot folder is named by its commit, and a git
+    clone records its HEAD."""
+    folder = folder.resolve()
+    if _is_sha(folder.name):
+        return folder.name
+    git = folder / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if head.startswith("ref: "):
+            ref = head[5:]
+            if (git / ref).is_file():
+                return (git / ref).read_text().strip()
+            for line in (git / "packed-refs").read_text().splitlines():
+                if line.endswith(" " + ref):
+                    return line.split()[0]
+            return None
+        return head if _is_sha(head) else None
+    except OSError:
+        return None
+
+
 def _datasets_revision(ds: Any) -> str | None:
     """The commit ``datasets`` recorded in its cache path (``.../<version>/<sha>/...``), when it is one."""
     for f in getattr(ds, "cache_files", None) or []:
         for part in Path(f["filename"]).parts:
-            if len(part) == 40 and all(c in "0123456789abcdef" for c in part):
+            if _is_sha(part):
                 return part
     return None
 
@@ -250,7 +283,9 @@ def _label_space(dd: Any, hub: HubSource, spec: DatasetSpec, label_col: str, whe
                 if values.setdefault(lab, nam) != nam:
                     raise CilbenchError(f"{where}: label {lab!r} has two names ({values[lab]!r}, {nam!r}) in "
                                         f"column {hub.label_names_column!r}")
-        keys = sorted(values)
+        if None in values:
+            raise CilbenchError(f"{where} has rows without a label in {label_col!r}")
+        keys = sorted(values)  # type: ignore[type-var]
         if hub.label_names_column:
             names, names_from = [str(values[k]) for k in keys], f"column {hub.label_names_column!r}"
         elif spec.class_names and len(spec.class_names) == len(keys):

@@ -15,6 +15,7 @@ The manifest is written last, so a store without one is incomplete and is never 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -173,7 +174,7 @@ class StoreWriter:
         self.dataset = dataset
         self.image_size = image_size
         self.root.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(self.root)
+        remove_dead_temp_dirs(self.root.parent, f".{self.root.name}.")
         self.tmp = self.root.parent / f".{self.root.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
         self.tmp.mkdir()
         self.splits: dict[str, dict[str, Any]] = {}
@@ -240,13 +241,11 @@ class StoreWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _remove_stale_partials(root: Path) -> None:
-    """Remove ``.<name>.<pid>-*.partial`` / ``.old`` folders whose process is gone (a killed prepare)."""
-    for p in root.parent.glob(f".{root.name}.*-*.*"):
-        if p.suffix not in (".partial", ".old") or not p.is_dir():
-            continue
-        pid = p.name[len(root.name) + 2:].split("-", 1)[0]
-        if not pid.isdigit():
+def remove_dead_temp_dirs(parent: Path, prefix: str) -> None:
+    """Remove folders ``<prefix><pid>-<token>...`` in ``parent`` whose process is gone (left by a killed run)."""
+    for p in Path(parent).glob(f"{glob.escape(prefix)}*-*"):
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or not p.is_dir():
             continue
         try:
             os.kill(int(pid), 0)

@@ -87,11 +87,10 @@ def read_matrix(path: str | Path, unit: str | None = None) -> MatrixFile:
 
 
 def score_matrix(path: str | Path, kind: str | None = None, unit: str | None = None) -> dict[str, Any]:
-    """The metrics of the matrix in ``path``.
+    """The metrics of the matrix in ``path``: ``{"kind", **cilbench.metrics.summary(...)}`` (``A_t, A_avg, A_last,
+    forgetting`` or ``transfer, average, last, *_per_dataset``), plus ``"note"`` when fractions were converted.
 
-    ``kind`` is the argument if given, else the file's (a run record's ``kind``), else ``"cil"``. Returns
-    ``{"path", "kind", "rows", "tasks", "converted_from_fractions", "metrics"}`` where ``metrics`` is
-    ``cilbench.metrics.summary`` (``A_t, A_avg, A_last, forgetting`` or ``transfer, average, last, *_per_dataset``).
+    ``kind`` is the argument if given, else the file's (a run record's ``kind``), else ``"cil"``.
     """
     if kind is not None and kind not in KINDS:
         raise CilbenchError(f"unknown metric kind {kind!r} (cil or mtil)")
@@ -101,8 +100,10 @@ def score_matrix(path: str | Path, kind: str | None = None, unit: str | None = N
         scores = metrics.summary(kind, found.matrix, found.counts if kind == "cil" else None)
     except ValueError as err:
         raise CilbenchError(f"{path}: {err}")
-    return {"path": str(path), "kind": kind, "rows": int(found.matrix.shape[0]), "tasks": int(found.matrix.shape[1]),
-            "converted_from_fractions": found.converted_from_fractions, "metrics": scores}
+    result: dict[str, Any] = {"kind": kind, **scores}
+    if found.converted_from_fractions:
+        result["note"] = "every value was <= 1: read as fractions and converted to percent (say unit: percent if not)"
+    return result
 
 
 def _to_percent(matrix: np.ndarray, unit: str | None, path: Path) -> tuple[np.ndarray, bool]:

@@ -1,0 +1,46 @@
+"""A run killed with SIGKILL after a task and resumed ends with the same record numbers as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ARGS = ["run", "finetune", "--dataset", "synthetic", "--quick", "--seed", "7", "--set", "epochs=2"]
+
+
+def _cli(out: Path, *extra: str, kill_after: int | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if kill_after is not None:
+        env["CILBENCH_TEST_KILL_AFTER_TASK"] = str(kill_after)
+    return subprocess.run([sys.executable, "-m", "cilbench", *ARGS, "--out", str(out), *extra], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_resume_after_sigkill_gives_identical_numbers(tmp_path):
+    full = _cli(tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+    killed = _cli(tmp_path / "resumed", kill_after=1)
+    assert killed.returncode == -9  # SIGKILL
+    assert not list((tmp_path / "resumed").glob("*.json"))  # no record yet
+    assert list((tmp_path / "resumed" / ".checkpoints").glob("*.pt"))
+    resumed = _cli(tmp_path / "resumed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after task 2" in resumed.stdout
+    a = json.loads(next((tmp_path / "full").glob("*.json")).read_text())
+    b = json.loads(next((tmp_path / "resumed").glob("*.json")).read_text())
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+    assert a["metrics"] == b["metrics"]
+    assert [t["final_loss"] for t in a["timings"]["tasks"]] == [t["final_loss"] for t in b["timings"]["tasks"]]
+    assert not list((tmp_path / "resumed" / ".checkpoints").glob("*.pt"))  # removed once the record is written
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    killed = _cli(tmp_path, kill_after=0)
+    assert killed.returncode == -9
+    other = subprocess.run([sys.executable, "-m", "cilbench", *ARGS[:-1], "epochs=3", "--out", str(tmp_path),
+                            "--resume"], capture_output=True, text=True, timeout=300)
+    # a different config is a different command: it has its own record name but the same checkpoint path
+    assert other.returncode != 0 and "different command or config" in other.stderr
