@@ -51,7 +51,7 @@ def test_fixed_orders():
     s = build_scenario("cifar100", "B0Inc10", 1993, "cifar100-icarl")
     assert s.tasks[0].source_labels[:5] == (87, 0, 52, 58, 44)
     t = build_scenario("tinyimagenet", "B100Inc20", 1993, "tinyimagenet-zscl")
-    assert t.tasks[0].source_labels[:3] == (131, 181, 22)
+    assert t.class_order[:3] == [131, 181, 22]
     assert t.increments == [100, 20, 20, 20, 20, 20]
     with pytest.raises(CilbenchError, match="is for cifar100"):
         build_scenario("imagenet-r", "B0Inc20", 1993, "cifar100-icarl")
@@ -100,3 +100,16 @@ def test_split_command_errors_are_one_line(cli):
     assert r.code != 0 and "did you mean 'cifar100'" in r.err and "Traceback" not in r.err
     r = cli("datasets", "split", "cifar100", "--scenario", "B0Inc")
     assert r.code != 0 and "malformed scenario" in r.err and len(r.err.strip().splitlines()) == 1
+
+
+def test_tinyimagenet_zscl_order_is_mapped_to_the_store_label_space():
+    """continuum numbers TinyImageNet classes in wnids.txt order; the hub copy sorts the WordNet ids."""
+    from cilbench.data.scenario import fixed_orders
+
+    wnids = fixed_orders()["tinyimagenet-zscl"]["label_space"]
+    s = build_scenario("tinyimagenet", "B100Inc20", 1993, "tinyimagenet-zscl")
+    first = s.class_order[0]  # 131 in continuum's space
+    assert s.tasks[0].source_labels[0] == sorted(wnids).index(wnids[first])
+    assert sorted(c for t in s.tasks for c in t.source_labels) == list(range(200))
+    described = s.describe()
+    assert described["tasks"][0][:3] == [131, 181, 22] and "store_tasks" in described

@@ -133,8 +133,8 @@ for _spec in [
                               splits=(("train", "train"), ("test", "valid")), image_column="image",
                               label_column="label"),
                 store_size=None, templates="tinyimagenet", paper_counts=(100000, 10000),
-                notes="label indices must match continuum's TinyImageNet200 for the tinyimagenet-zscl order: "
-                      "both sort the WordNet ids, checked at prepare time"),
+                notes="labels are sorted WordNet ids; the tinyimagenet-zscl order is published in continuum's "
+                      "wnids.txt label space and is mapped to these labels"),
     DatasetSpec("imagenet-r", 200, "ImageNet-R (renditions of 200 ImageNet classes)",
                 default_scenario="B0Inc20",
                 hub=HubSource("axiong/imagenet-r", splits=(("all", "test"),), image_column="image",

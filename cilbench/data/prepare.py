@@ -334,31 +334,44 @@ def _build(spec: DatasetSpec, root: Path, src: Source, progress: bool) -> Store:
     writer = StoreWriter(root, spec.name, size)
     try:
         arrays = {s: writer.images_array(s, int(counts[k])) for k, s in enumerate(split_names)}
-        native = spec.store_size is None
-        with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 2)) as pool, \
-                _progress(progress, int(counts.sum()), f"preparing {spec.name}") as advance:
-            for r, d, p in zip(src.rows, dest, positions):
-                for start in range(0, len(d), CHUNK):
-                    sel = start + np.flatnonzero(d[start:start + CHUNK] >= 0)
-                    if not sel.size:
-                        continue
-                    items = r.fetch(start, min(start + CHUNK, len(d)))
-                    decoded = pool.map(lambda i: _decode_row(items[i - start], None if native else size, r.name, i),
-                                       sel)
-                    for i, img in zip(sel, decoded):
-                        if img.shape != (size, size, 3):
-                            raise CilbenchError(f"images of {spec.name} differ in size ({img.shape[1]}x"
-                                                f"{img.shape[0]} and {size}x{size}), but the catalog keeps their "
-                                                f"native size")
-                        arrays[split_names[d[i]]][p[i]] = img
-                    advance(int(sel.size))
+        target = None if spec.store_size is None else size
+
+        def put(item: Any, where: str, i: int, split: str, pos: int) -> None:
+            # decode and write in the worker: PIL and numpy's copy release the GIL, so both run in parallel
+            img = _decode_row(item, target, where, i)
+            if img.shape != (size, size, 3):
+                raise CilbenchError(f"images of {spec.name} differ in size ({img.shape[1]}x{img.shape[0]} and "
+                                    f"{size}x{size}), but the catalog keeps their native size")
+            arrays[split][pos] = img
+
+        pool = ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 2))
+        try:
+            with _progress(progress, int(counts.sum()), f"preparing {spec.name}") as advance:
+                pending: list[Any] = []  # one chunk in flight while the next is fetched: the pool never idles
+                for r, d, p in zip(src.rows, dest, positions):
+                    for start in range(0, len(d), CHUNK):
+                        sel = start + np.flatnonzero(d[start:start + CHUNK] >= 0)
+                        if not sel.size:
+                            continue
+                        items = r.fetch(start, min(start + CHUNK, len(d)))
+                        submitted = [pool.submit(put, items[i - start], r.name, int(i), split_names[d[i]], int(p[i]))
+                                     for i in sel]
+                        for f in pending:
+                            f.result()
+                        advance(len(pending))
+                        pending = submitted
+                for f in pending:
+                    f.result()
+                advance(len(pending))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         n_cls = len(src.class_names)
         for s in split_names:
             writer.close_split(s, arrays[s], labels[s], domains[s] if domains else None,
                                class_counts=_class_counts(labels[s], n_cls))
         extra: dict[str, Any] = {
             "preprocess": {"store_size": spec.store_size, "image_size": size, "convert": "PIL RGB",
-                           "resize": "native size kept" if native else
+                           "resize": "native size kept" if target is None else
                            f"shorter side to {size} (PIL bicubic, torchvision size rounding), centre crop "
                            f"{size}x{size} (torchvision rounding)"}}
         if recipe:

@@ -88,6 +88,18 @@ def class_order(dataset: str, num_classes: int, seed: int, name: str | None = No
     return order, name
 
 
+def to_store_labels(order: list[int], name: str | None) -> list[int]:
+    """A published order in its own label space -> the store's labels. TinyImageNet's official code (continuum)
+    numbers classes in ``wnids.txt`` order; the hub copy and ImageFolder trees number them by sorted WordNet id."""
+    entry = fixed_orders().get(name or "", {})
+    space = entry.get("label_space")
+    if not space:
+        return order
+    assert entry.get("store_label_space") == "sorted"
+    rank = {wnid: i for i, wnid in enumerate(sorted(space))}
+    return [rank[space[c]] for c in order]
+
+
 @dataclass(frozen=True)
 class Task:
     """One step of a scenario. ``classes`` are global ids (positions in the class order for CIL, offsets into the
@@ -123,8 +135,13 @@ class Scenario:
         out = {"dataset": self.dataset, "kind": self.kind, "scenario": self.name, "num_classes": self.num_classes,
                "seed": self.seed}
         if self.kind == "cil":
+            starts = np.cumsum([0] + self.increments)
             out.update(class_order=self.class_order, class_order_name=self.class_order_name,
-                       increments=self.increments, tasks=[list(t.source_labels) for t in self.tasks])
+                       increments=self.increments,
+                       tasks=[self.class_order[a:b] for a, b in zip(starts[:-1], starts[1:])])
+            store = [list(t.source_labels) for t in self.tasks]
+            if store != out["tasks"]:  # the published order lives in another label space than the store
+                out["store_tasks"] = store
         else:
             out.update(order=self.name.removeprefix("order-"), datasets=[t.dataset for t in self.tasks],
                        increments=self.increments)
@@ -140,9 +157,10 @@ def cil_scenario(dataset: str, scenario: str, seed: int = 1993, order_name: str 
     n = spec.num_classes
     incs = increments(n, base, inc)
     order, order_desc = class_order(dataset, n, seed, order_name)
+    store_order = to_store_labels(order, order_name)
     tasks, start = [], 0
     for t, size in enumerate(incs):
-        src = tuple(order[start:start + size])
+        src = tuple(store_order[start:start + size])
         names = tuple(class_names[c] for c in src) if class_names else ()
         tasks.append(Task(t, f"task {t + 1}", dataset, tuple(range(start, start + size)), src, names))
         start += size

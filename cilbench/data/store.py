@@ -34,6 +34,10 @@ STORE_SCHEMA = 1
 MANIFEST = "manifest.json"
 
 
+def _rebuild(root: Path) -> str:
+    return f"run `cilbench datasets prepare {root.name} --force` to rebuild it"
+
+
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -95,12 +99,12 @@ class Store:
         try:
             manifest = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise CilbenchError(f"corrupted store manifest {path} ({err}); delete {root} and prepare it again")
+            raise CilbenchError(f"corrupted store manifest {path} ({err}); {_rebuild(root)}")
         if not isinstance(manifest, dict):
-            raise CilbenchError(f"corrupted store manifest {path}; delete {root} and prepare it again")
+            raise CilbenchError(f"corrupted store manifest {path}; {_rebuild(root)}")
         if manifest.get("schema") != STORE_SCHEMA:
             raise CilbenchError(f"store {root} has schema {manifest.get('schema')}, this cilbench reads "
-                                f"{STORE_SCHEMA}; prepare it again")
+                                f"{STORE_SCHEMA}; {_rebuild(root)}")
         store = cls(root, manifest)
         try:
             for meta in store.manifest["splits"].values():  # the fields every reader relies on
@@ -109,8 +113,8 @@ class Store:
             if verify:
                 store.verify()
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise CilbenchError(f"corrupted store manifest {path} (bad or missing field {err}); delete {root} and "
-                                f"prepare it again") from None
+            raise CilbenchError(f"corrupted store manifest {path} (bad or missing field {err}); "
+                                f"{_rebuild(root)}") from None
         return store
 
     def _files(self, split: str) -> dict[str, Path]:
@@ -128,7 +132,7 @@ class Store:
         for split, meta in self.manifest["splits"].items():
             for kind, fmeta in meta["files"].items():
                 f = self.root / fmeta["file"]
-                hint = f"delete {self.root} and run `cilbench datasets prepare {self.name}` again"
+                hint = _rebuild(self.root)
                 if not f.is_file():
                     raise CilbenchError(f"corrupted store: {f} is missing; {hint}")
                 st = f.stat()
