@@ -7,6 +7,14 @@ catalog says ``store_size=None`` (all images must share it), else resized so the
 torchvision's size rounding) and centre-cropped to S x S (torchvision's crop rounding), so Resize(S) + CenterCrop
 from the store equals the same transforms on the original image. Sources with one split get a seeded stratified
 split (``stratified_split``), frozen in the store and described in its manifest.
+
+The manifest records ``source``: ``kind`` ("hub", "hub-copy", "imagefolder" or "offline"), for the hub the repo,
+config, requested ``revision`` and ``resolved_revision`` (the commit actually downloaded: the download is pinned to
+it), the image / label columns and where the class names came from (``parts`` holds one such record per repo for
+VTAB); for a local folder its ``path`` and a ``fingerprint`` (sha256 over relative paths and sizes); for offline
+builders the recipe (builder, options, generator version). Beside it: ``split_recipe`` (rule, seed, resulting
+counts) when the split was built, ``preprocess``, ``domain_names`` for multi-domain stores, the per-split counts,
+class counts and file checksums (written by ``StoreWriter``).
 """
 
 from __future__ import annotations

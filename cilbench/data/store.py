@@ -34,8 +34,9 @@ STORE_SCHEMA = 1
 MANIFEST = "manifest.json"
 
 
-def _rebuild(root: Path) -> str:
-    return f"run `cilbench datasets prepare {root.name} --force` to rebuild it"
+def _rebuild(root: Path, source_path: str | None = None) -> str:
+    source = f" --source {source_path}" if source_path else ""
+    return f"run `cilbench datasets prepare {root.name}{source} --force` to rebuild it"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -132,7 +133,7 @@ class Store:
         for split, meta in self.manifest["splits"].items():
             for kind, fmeta in meta["files"].items():
                 f = self.root / fmeta["file"]
-                hint = _rebuild(self.root)
+                hint = _rebuild(self.root, (self.manifest.get("source") or {}).get("path"))
                 if not f.is_file():
                     raise CilbenchError(f"corrupted store: {f} is missing; {hint}")
                 st = f.stat()
