@@ -181,7 +181,8 @@ def datasets_split(
 def run(
     method: str,
     dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset or sequence name (cilbench datasets list)."),
-    scenario: Optional[str] = typer.Option(None, "--scenario", "-s", help="B<base>Inc<step> (default: the dataset's usual split, see datasets info)."),
+    scenario: Optional[str] = typer.Option(None, "--scenario", "-s",
+                                           help="B<base>Inc<step> (default: the dataset's usual split)."),
     order: Optional[str] = typer.Option(None, "--order", help="MTIL order I or II."),
     class_order: Optional[str] = typer.Option(None, "--class-order", help="Fixed published class order."),
     seed: int = typer.Option(1993, "--seed"),

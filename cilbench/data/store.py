@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from cilbench.errors import CilbenchError
-from cilbench.utils import atomic_path, atomic_write_json
+from cilbench.utils import atomic_write_json
 
 STORE_SCHEMA = 1
 MANIFEST = "manifest.json"
@@ -138,7 +138,8 @@ class Store:
                     raise CilbenchError(f"corrupted store: {f} is missing; {hint}")
                 st = f.stat()
                 if st.st_size != fmeta["bytes"]:
-                    raise CilbenchError(f"corrupted store: {f} has {st.st_size} bytes, expected {fmeta['bytes']}; {hint}")
+                    raise CilbenchError(f"corrupted store: {f} has {st.st_size} bytes, expected {fmeta['bytes']}; "
+                                        f"{hint}")
                 key = [st.st_size, st.st_mtime_ns]
                 if full or kind != "images" or stamp.get(fmeta["file"]) != key:
                     if sha256_file(f) != fmeta["sha256"]:
