@@ -368,3 +368,18 @@ def test_decode_matches_torchvision_resize_and_centre_crop():
         assert np.array_equal(ours, theirs), (w, h)
     gray = Image.fromarray(rng.integers(0, 256, (9, 9), dtype=np.uint8))
     assert decode_image(gray, None).shape == (9, 9, 3)
+
+
+def test_joined_splits_and_dropped_classes(tmp_path, temp_spec):
+    """Caltech-101 shape: a TF-style train/test split joined ("train+test") and re-split, BACKGROUND dropped."""
+    repo = labelled_repo(tmp_path / "caltech", 4, {"train": {0: 5, 1: 5, 2: 5, 3: 5}, "test": {0: 5, 1: 5, 2: 5,
+                                                                                                 3: 5}}, size=16)
+    spec = temp_spec(num_classes=3, store_size=16, split_rule=SplitRule(0.2, 42),
+                     hub=HubSource("Donghyun99/Caltech-101", splits=(("all", "train+test"),),
+                                   drop_classes=("caltech-0",)))
+    store = prepare(spec.name, tmp_path / "cache", source=str(repo), progress=False)
+    assert store.class_names == ["caltech-1", "caltech-2", "caltech-3"]
+    train, test = store.split("train"), store.split("test")
+    assert np.bincount(test.labels).tolist() == [2, 2, 2] and np.bincount(train.labels).tolist() == [8, 8, 8]
+    for img, label in zip(test.images, test.labels):  # class k+1 of the source is class k of the store
+        assert (img == np.array(colour_of(int(label) + 1), np.uint8)).all()

@@ -127,3 +127,11 @@ def test_clean_class_name():
     assert clean_class_name("/a/airplane_cabin") == "airplane cabin"
     assert clean_class_name("SeaLake") == "Sea Lake"
     assert clean_class_name("F-16A/B") == "F-16A/B"
+
+
+def test_known_hub_typo_is_mapped():
+    from cilbench.models.templates import CLASS_NAMES, clip_class_names
+
+    names = [n.replace(" ", "_") for n in CLASS_NAMES["cifar100"]]
+    names[names.index("crab")] = "cra"
+    assert clip_class_names("cifar100", names) == list(CLASS_NAMES["cifar100"])

@@ -32,6 +32,7 @@ class HubSource:
     label_column: str | None = None
     label_names_column: str | None = None  # a string column naming each class, when labels are not ClassLabel
     first_classes: int | None = None  # keep only labels < first_classes (VTAB is rebuilt from the first 10 of each)
+    drop_classes: tuple[str, ...] = ()  # class names the protocol leaves out (Caltech-101's BACKGROUND_Google)
 
 
 @dataclass(frozen=True)
@@ -178,14 +179,17 @@ for _spec in [
                 templates="aircraft"),
     DatasetSpec("caltech101", 101, "Caltech-101",
                 hub=HubSource("Donghyun99/Caltech-101", revision="c2f8dad4e400a0963c1efc91a6e539b847be9162",
-                              splits=(("all", "train+test"),)),
+                              splits=(("all", "train+test"),), drop_classes=("BACKGROUND_Google",)),
                 split_rule=_SEED42_80_20, templates="caltech101",
                 notes="no official split: 80/20 with seed 42 as the official MTIL code (a stratified split here)"),
     DatasetSpec("dtd", 47, "Describable Textures",
                 hub=HubSource("tanganke/dtd", revision="cd52f56b97bb45a25246b6b3fd24531e3b0d4405"),
                 templates="dtd"),
-    DatasetSpec("eurosat", 10, "EuroSAT RGB", hub=HubSource("timm/eurosat-rgb"), store_size=None,
-                templates="eurosat"),
+    DatasetSpec("eurosat", 10, "EuroSAT RGB",
+                hub=HubSource("timm/eurosat-rgb", splits=(("all", "train+validation+test"),)),
+                split_rule=_SEED42_80_20, store_size=None, templates="eurosat",
+                notes="no official split: the official MTIL code splits all 27,000 images 80/20 with seed 42 "
+                      "(torch random_split); here a stratified seeded 80/20 split of the same images"),
     DatasetSpec("flowers", 102, "Oxford Flowers-102", hub=HubSource("dpdl-benchmark/oxford_flowers102"),
                 templates="flowers"),
     DatasetSpec("food", 101, "Food-101", hub=HubSource("ethz/food101", splits=(("train", "train"),

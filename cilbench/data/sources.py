@@ -168,6 +168,16 @@ def _columns(features: dict[str, Any], hub: HubSource, where: str) -> tuple[str,
     return image, label  # type: ignore[return-value]
 
 
+def _split(dd: Any, theirs: str) -> Any | None:
+    """A split of the DatasetDict by name; ``"train+test"`` joins several (sources with no official split)."""
+    import datasets
+
+    names = theirs.split("+")
+    if not all(n in dd for n in names):
+        return None
+    return dd[names[0]] if len(names) == 1 else datasets.concatenate_datasets([dd[n] for n in names])
+
+
 def _arrow_column(ds: Any, column: str) -> Any:
     """One column as a pyarrow array without decoding (or even reading) the image column."""
     return ds.select_columns([column]).with_format("arrow")[:].column(0)
@@ -204,10 +214,10 @@ def hub_source(spec: DatasetSpec, where: str | None, hub_cache: Path | None, loc
         offset = len(names)
         names += part_names
         for ours, theirs in hub.splits:
-            if theirs not in dd:
+            ds = _split(dd, theirs)
+            if ds is None:
                 raise CilbenchError(f"{label_where} has no split {theirs!r} (has {', '.join(dd)}); is it a copy "
                                     f"of {hub.repo}?")
-            ds = dd[theirs]
             labels = to_id(ds)
             labels = np.where(labels >= 0, labels + offset, -1)
             rows.append(Rows(f"{hub.repo}:{theirs}", ours, labels, _image_fetcher(ds, image_col),
@@ -262,7 +272,8 @@ def _datasets_revision(ds: Any) -> str | None:
 
 def _label_space(dd: Any, hub: HubSource, spec: DatasetSpec, label_col: str, where: str, is_part: bool
                  ) -> tuple[list[str], Callable[[Any], np.ndarray], str]:
-    """Class names and a function mapping a split's label column to ids 0..K-1 (-1 = dropped by first_classes)."""
+    """Class names and a function mapping a split's label column to ids 0..K-1 (-1 = dropped by ``first_classes``
+    or ``drop_classes``)."""
     import datasets
 
     feature = dd[next(iter(dd))].features[label_col]
@@ -274,10 +285,10 @@ def _label_space(dd: Any, hub: HubSource, spec: DatasetSpec, label_col: str, whe
         # string labels (e.g. WordNet ids): ids index the sorted distinct strings of all used splits
         values: dict[str, str | None] = {}
         for _, theirs in hub.splits:
-            if theirs not in dd:
+            if (part := _split(dd, theirs)) is None:
                 continue
-            labs = _arrow_column(dd[theirs], label_col).to_pylist()
-            nams = _arrow_column(dd[theirs], hub.label_names_column).to_pylist() if hub.label_names_column \
+            labs = _arrow_column(part, label_col).to_pylist()
+            nams = _arrow_column(part, hub.label_names_column).to_pylist() if hub.label_names_column \
                 else [None] * len(labs)
             for lab, nam in zip(labs, nams):
                 if values.setdefault(lab, nam) != nam:
@@ -297,14 +308,18 @@ def _label_space(dd: Any, hub: HubSource, spec: DatasetSpec, label_col: str, whe
                                   dtype=np.int64)
     else:  # plain integer labels: names from the catalog
         ids = lambda ds: _arrow_column(ds, label_col).to_numpy(zero_copy_only=False).astype(np.int64)  # noqa: E731
-        n = int(max(int(ids(dd[t]).max(initial=-1)) for _, t in hub.splits if t in dd)) + 1
+        n = int(max(int(ids(p).max(initial=-1)) for _, t in hub.splits if (p := _split(dd, t)) is not None)) + 1
         if spec.class_names and not is_part:
             names, names_from = list(spec.class_names), "catalog"
         else:
             names, names_from = [str(i) for i in range(n)], f"values of {label_col!r}"
-    if hub.first_classes:
-        keep, names, all_ids = hub.first_classes, names[: hub.first_classes], ids
-        ids = lambda ds: (lambda x: np.where(x < keep, x, -1))(all_ids(ds))  # noqa: E731
+    remapped = bool(hub.first_classes or hub.drop_classes)
+    if remapped:  # keep a subset of the classes, renumbered 0..K-1 in source order; the rest become -1
+        kept = [i for i, n in enumerate(names) if n not in hub.drop_classes][: hub.first_classes or None]
+        remap = np.full(len(names) + 1, -1, dtype=np.int64)  # the extra slot maps -1 to -1
+        remap[kept] = np.arange(len(kept))
+        names, all_ids = [names[i] for i in kept], ids
+        ids = lambda ds: remap[all_ids(ds)]  # noqa: E731
     if len(names) != expected:
         raise CilbenchError(f"{where} has {len(names)} classes in {label_col!r}, the catalog's {spec.name} has "
                             f"{expected}; is it a copy of {hub.repo}?")
@@ -313,7 +328,7 @@ def _label_space(dd: Any, hub: HubSource, spec: DatasetSpec, label_col: str, whe
     def checked(ds: Any) -> np.ndarray:
         labels = ids(ds)
         bad = labels[(labels >= n_names) | (labels < -1)]
-        if bad.size or (not hub.first_classes and (labels < 0).any()):
+        if bad.size or (not remapped and (labels < 0).any()):
             raise CilbenchError(f"{where} has labels outside 0..{n_names - 1} in {label_col!r} (e.g. "
                                 f"{int(labels[(labels < 0) | (labels >= n_names)][0])}): unlabelled rows?")
         return labels

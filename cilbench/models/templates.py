@@ -455,6 +455,10 @@ def templates_for(key: str, mode: str = "ensemble") -> tuple[str, ...]:
     return ensemble[:1] if mode == "first" else ensemble
 
 
+# Known misspellings in hub copies: the CIFAR-100 loading script (and TFDS's copy) names fine label 26 "cra".
+SOURCE_TYPOS: dict[str, dict[str, str]] = {"cifar100": {"cra": "crab"}}
+
+
 def clean_class_name(name: str) -> str:
     """Readable text for a raw class name: ``"aquarium_fish"`` -> ``"aquarium fish"``,
     ``"/a/apartment_building/outdoor"`` -> ``"apartment building/outdoor"``, ``"AnnualCrop"`` -> ``"Annual Crop"``."""
@@ -504,7 +508,7 @@ def clip_class_names(key: str, source_names: list[str] | tuple[str, ...]) -> lis
        the official label order: its names are then not comparable, e.g. integers);
     3. else the source names are cleaned (underscores to spaces, SUN397 prefixes dropped, CamelCase split).
     """
-    source_names = [str(n) for n in source_names]
+    source_names = [SOURCE_TYPOS.get(key, {}).get(str(n), str(n)) for n in source_names]
     official = CLASS_NAMES.get(key)
     found = match_official(key, source_names)
     if official is not None and found is not None:
