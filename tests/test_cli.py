@@ -117,6 +117,9 @@ def _one_line_error(r, code: int | None = None) -> str:
     (["datasets", "prepare", "cifar100", "--source", "/nonexistent/folder"], "/nonexistent/folder"),
     (["datasets", "split", "mtil", "--order", "III"], "unknown order"),
     (["metrics", "/nonexistent.json"], "no such file"),
+    (["datasets", "prepare", "cifar100"], "--source PATH"),  # the hub is unreachable (offline)
+    (["datasets", "prepare", "objectnet"], "no hub source"),
+    (["run", "finetune", "--dataset", "synthetic", "--quick", "--set", "lr=inf"], "training diverged"),
 ])
 def test_bad_input_is_one_line(cli, tmp_path, args, message):
     out = tmp_path / "res"

@@ -66,6 +66,11 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def _diverged(task, bad: int) -> CilbenchError:
+    return CilbenchError(f"training diverged on {task.name}: the loss was not finite for the last {bad} steps; "
+                         f"lower the learning rate (--set lr=...)")
+
+
 def fit(method: Method, task, data: TaskData, transform: ImageTransform, device: torch.device, seed: int,
         progress: Callable[[str, int], Callable[[int, float], None]] | None = None) -> TrainStats:
     """Train ``method`` on one task's data. ``progress(description, total_steps)`` returns an ``update(n, loss)``."""
@@ -100,8 +105,7 @@ def fit(method: Method, task, data: TaskData, transform: ImageTransform, device:
                 bad += 1
                 stats.skipped_steps += 1
                 if bad >= MAX_BAD_STEPS:
-                    raise CilbenchError(f"training diverged on {task.name}: the loss was not finite for "
-                                        f"{MAX_BAD_STEPS} steps in a row; lower the learning rate (--set lr=...)")
+                    raise _diverged(task, bad)
             else:
                 bad = 0
                 loss.backward()
@@ -112,6 +116,8 @@ def fit(method: Method, task, data: TaskData, transform: ImageTransform, device:
             update(1, stats.final_loss if stats.final_loss is not None else float("nan"))
         stats.data_wait_s += stream.wait_s
         epoch += 1
+    if bad:  # the task ended on non-finite losses: the weights are broken, not a transient spike
+        raise _diverged(task, bad)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats.seconds = time.perf_counter() - start
