@@ -1,8 +1,9 @@
-"""Reaching the Hugging Face hub without hanging.
+"""Reaching the Hugging Face hub without hanging, and telling network failures from real errors.
 
-Before any download, ``ensure_hub_or_offline`` probes the hub endpoint with one short TCP connect. When it cannot be
-reached the process switches the hub libraries to offline mode (``HF_HUB_OFFLINE=1``), so what is already in the
-local cache still loads and anything else fails at once instead of retrying for a minute.
+Hub timeouts default to 10 s (a user's own setting wins). Before a model download, ``ensure_hub_or_offline`` probes
+the endpoint with one short TCP connect; when it cannot be reached the process switches the hub libraries to offline
+mode (``HF_HUB_OFFLINE=1``), so what is already in the local cache still loads and anything else fails at once
+instead of retrying for a minute.
 """
 
 from __future__ import annotations
@@ -13,7 +14,45 @@ import socket
 from functools import lru_cache
 from urllib.parse import urlparse
 
+HUB_TIMEOUT_S = 10
 PROBE_TIMEOUT_S = 3.0
+for _var in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):  # read by huggingface_hub at import time
+    os.environ.setdefault(_var, str(HUB_TIMEOUT_S))
+
+_TRUE = {"1", "ON", "YES", "TRUE"}
+# exception class names that mean "the network or the hub is unreachable" (httpx / httpx2 / requests / huggingface_hub)
+_NETWORK_ERRORS = {"ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException",
+                   "NetworkError", "TransportError", "ProxyError", "RemoteProtocolError", "OfflineModeIsEnabled",
+                   "LocalEntryNotFoundError", "ConnectionError", "Timeout", "MaxRetryError", "NameResolutionError",
+                   "URLError"}
+
+
+def offline_reason() -> str | None:
+    """Why the hub must not be contacted (offline mode set in the environment), or None."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in _TRUE:
+            return f"offline mode: {var}={os.environ[var]}"
+    return None
+
+
+def network_reason(err: BaseException) -> str | None:
+    """A short reason when ``err`` (or what caused it) is a network failure, else None."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        names = {c.__name__ for c in type(e).__mro__}
+        if names & _NETWORK_ERRORS or isinstance(e, (ConnectionError, TimeoutError, socket.gaierror)):
+            inner = e
+            while inner.__cause__ is not None or inner.__context__ is not None:  # the innermost says it best
+                inner = inner.__cause__ or inner.__context__  # type: ignore[assignment]
+            text = str(inner) or type(inner).__name__
+            return (text[:117] + "...") if len(text) > 120 else text
+        todo += [e.__cause__, e.__context__]
+    return None
 
 
 @lru_cache(maxsize=None)
@@ -29,17 +68,11 @@ def hub_reachable(endpoint: str | None = None) -> bool:
         return False
 
 
-def offline_requested() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
 def ensure_hub_or_offline() -> bool:
     """True when the hub can be used; otherwise set offline mode for this process and return False."""
-    for name in ("huggingface_hub", "huggingface_hub.utils._http", "datasets", "timm", "root"):
+    for name in ("huggingface_hub", "huggingface_hub.utils._http", "datasets", "timm"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
-    if offline_requested():
+    if offline_reason():
         return False
     if hub_reachable():
         return True
@@ -48,12 +81,6 @@ def ensure_hub_or_offline() -> bool:
         import huggingface_hub.constants as c
 
         c.HF_HUB_OFFLINE = True
-    except Exception:
-        pass
-    try:
-        import datasets.config as dc
-
-        dc.HF_HUB_OFFLINE = True
     except Exception:
         pass
     return False

@@ -119,6 +119,8 @@ def _one_line_error(r, code: int | None = None) -> str:
     (["metrics", "/nonexistent.json"], "no such file"),
     (["datasets", "prepare", "cifar100"], "--source PATH"),  # the hub is unreachable (offline)
     (["datasets", "prepare", "objectnet"], "no hub source"),
+    (["run", "simplecil", "--dataset", "synthetic"], "cannot reach the model hub"),  # real weights, offline
+    (["run", "simplecil", "--dataset", "synthetic", "--weights", "/nonexistent.pt"], "no weights file"),
     (["run", "finetune", "--dataset", "synthetic", "--quick", "--set", "lr=inf"], "training diverged"),
 ])
 def test_bad_input_is_one_line(cli, tmp_path, args, message):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,20 +18,9 @@ import numpy as np
 
 from cilbench.data.catalog import DatasetSpec, HubSource
 from cilbench.errors import CilbenchError, HubUnreachable
-
-# Fail fast instead of hanging on a dead network; a user's own setting wins. Read by huggingface_hub at import time.
-HUB_TIMEOUT_S = 10
-for _var in ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"):
-    os.environ.setdefault(_var, str(HUB_TIMEOUT_S))
+from cilbench.hub import HUB_TIMEOUT_S, network_reason, offline_reason
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-_TRUE = {"1", "ON", "YES", "TRUE"}
-# exception class names that mean "the network or the hub is unreachable" (httpx / httpx2 / requests / huggingface_hub)
-_NETWORK_ERRORS = {"ConnectError", "ConnectTimeout", "ReadTimeout", "WriteTimeout", "PoolTimeout", "TimeoutException",
-                   "NetworkError", "TransportError", "ProxyError", "RemoteProtocolError", "OfflineModeIsEnabled",
-                   "LocalEntryNotFoundError", "ConnectionError", "Timeout"}
-
-
 @dataclass
 class Rows:
     """One split of a source before decoding: encoded images fetched in contiguous chunks, and labels already in the
@@ -59,36 +47,6 @@ def local_instructions(name: str, hub_copy: bool = True) -> str:
     what = "a copy of the hub repo, or an ImageFolder" if hub_copy else "an ImageFolder"
     return f"prepare from a local copy with `cilbench datasets prepare {name} --source PATH` ({what} " \
            f"<dir>/{{train,test}}/<class>/)"
-
-
-# ---------------------------------------------------------------- network failures
-
-def offline_reason() -> str | None:
-    """Why the hub must not be contacted (offline mode set in the environment), or None."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().upper() in _TRUE:
-            return f"offline mode: {var}={os.environ[var]}"
-    return None
-
-
-def network_reason(err: BaseException) -> str | None:
-    """A short reason when ``err`` (or what caused it) is a network failure, else None."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [err]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        names = {c.__name__ for c in type(e).__mro__}
-        if names & _NETWORK_ERRORS or isinstance(e, (ConnectionError, TimeoutError, socket.gaierror)):
-            inner = e
-            while inner.__cause__ is not None or inner.__context__ is not None:  # the innermost says it best
-                inner = inner.__cause__ or inner.__context__  # type: ignore[assignment]
-            text = str(inner) or type(inner).__name__
-            return (text[:117] + "...") if len(text) > 120 else text
-        todo += [e.__cause__, e.__context__]
-    return None
 
 
 def _instructions(name: str) -> str:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from cilbench.errors import CilbenchError, HubUnreachable
-from cilbench.hub import ensure_hub_or_offline
+from cilbench.hub import ensure_hub_or_offline, network_reason
 from cilbench.registry import Registry
 
 
@@ -91,22 +91,6 @@ def _offline_hint(spec: BackboneSpec) -> HubUnreachable:
         f" for a random tiny model")
 
 
-def _is_network_error(err: Exception) -> bool:
-    names = {type(e).__name__ for e in _chain(err)}
-    network = {"ConnectionError", "ConnectError", "LocalEntryNotFoundError", "OfflineModeIsEnabled", "Timeout",
-               "ReadTimeout", "ConnectTimeout", "MaxRetryError", "NameResolutionError", "HfHubHTTPError",
-               "gaierror", "URLError"}
-    return bool(names & network) or "offline" in str(err).lower() or "connect" in str(err).lower()
-
-
-def _chain(err: BaseException):
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
-
-
 def build_backbone(name: str, pretrained: bool = True, weights: str | Path | None = None) -> Backbone:
     """Build a backbone by registry name. ``pretrained=False`` gives random weights of the real shape."""
     spec = BACKBONES.get(name)
@@ -145,7 +129,7 @@ def build_backbone(name: str, pretrained: bool = True, weights: str | Path | Non
     except CilbenchError:
         raise
     except Exception as err:  # the hub libraries raise many types; sort network failures from real bugs
-        if _is_network_error(err):
+        if network_reason(err) or "offline" in str(err).lower():
             raise _offline_hint(spec) from None
         raise
     finally:
