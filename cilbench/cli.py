@@ -297,7 +297,8 @@ def metrics_cmd(
 def table_cmd(
     results: Path = typer.Option(Path("results"), "--results", help="Folder of run records."),
     fmt: str = typer.Option("rich", "--format", help="rich, markdown, csv or latex."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of printing."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write to this file instead of printing "
+                                                                    "(rich becomes markdown in a file)."),
     paper: bool = typer.Option(True, "--paper/--no-paper", help="Show stored paper numbers and deltas."),
 ) -> None:
     """Method x dataset tables of A_avg / A_last (Transfer / Average / Last for MTIL), seeds as mean ± std, with

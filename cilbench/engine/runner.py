@@ -24,7 +24,6 @@ import torch
 
 from cilbench import metrics
 from cilbench.data.augment import PRESETS
-from cilbench.data.catalog import DatasetSpec, SequenceSpec, get_spec
 from cilbench.data.scenario import Scenario, Task, build_scenario
 from cilbench.engine.evaluator import evaluate_row, extract_features
 from cilbench.engine.loader import TaskData
@@ -123,7 +122,7 @@ class ScenarioData:
                 if quick:
                     rows = _cap_per_class(rows, glob[rows], cap, seed)
                 out.append(TaskData(split.images, rows, glob[rows]))
-            self.stores = stores
+        self.stores = stores
         for t, task in enumerate(scenario.tasks):
             if len(self.train[t]) == 0 or len(self.test[t]) == 0:
                 raise CilbenchError(f"{task.name} of {scenario.dataset} has no training or test images; "
@@ -162,7 +161,6 @@ class Runner:
         self.console = console
         self.method_cls: type[Method] = load_method(opts.method)
         meta = _method_meta(opts.method)
-        spec = get_spec(opts.dataset)
         self.cfg, self.config_sources = resolve_config(self.method_cls, opts.dataset, opts.quick, opts.sets)
         backbone = opts.backbone or meta.get("backbone", "vit-b16-in21k")
         bspec = BACKBONES.get(backbone)

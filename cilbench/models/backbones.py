@@ -129,7 +129,8 @@ def build_backbone(name: str, pretrained: bool = True, weights: str | Path | Non
     except CilbenchError:
         raise
     except Exception as err:  # the hub libraries raise many types; sort network failures from real bugs
-        if network_reason(err) or "offline" in str(err).lower():
+        # open_clip re-raises download failures as a plain RuntimeError whose text is all that is left
+        if network_reason(err) or "offline" in str(err).lower() or "failed to download" in str(err).lower():
             raise _offline_hint(spec) from None
         raise
     finally:
