@@ -97,6 +97,9 @@ def _peak_mb(device: torch.device) -> float:
 def bench(method_name: str, backbone: str | None, batch_size: int | None, device: torch.device,
           steps: int | None = None, warmup: int = 2, sets: dict[str, str] | None = None,
           progress=None) -> dict[str, Any]:
+    for flag, value, low in (("--batch-size", batch_size, 1), ("--steps", steps, 1), ("--warmup", warmup, 0)):
+        if value is not None and value < low:
+            raise CilbenchError(f"{flag} must be at least {low}, not {value}")
     cls = load_method(method_name)
     from cilbench.methods.base import METHODS
 

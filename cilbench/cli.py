@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -14,14 +17,72 @@ from rich.table import Table
 
 from cilbench.errors import CilbenchError
 
-console = Console()
+
+
+class _PipeSafe(io.TextIOBase):
+    """stdout that survives a closed pipe (``cilbench run ... | head``): once the reader is gone, output is dropped
+    and the run goes on to write its record. Resolves ``sys.stdout`` at each write (tests swap it)."""
+
+    def __init__(self) -> None:
+        self.gone = False
+
+    @property
+    def _stream(self):
+        return sys.stdout
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                self._stream.write(text)
+            except BrokenPipeError:
+                self._closed()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._closed()
+
+    def _closed(self) -> None:
+        self.gone = True
+        try:  # point the descriptor at /dev/null so the interpreter's own flush at exit stays quiet too
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):
+            pass
+
+    def isatty(self) -> bool:
+        try:
+            return self._stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream, "encoding", "utf-8") or "utf-8"
+
+
+console = Console(file=_PipeSafe())
 err_console = Console(stderr=True)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode="rich",
-                  help="Continual-learning benchmarks for pre-trained vision and vision-language models.")
-methods_app = typer.Typer(no_args_is_help=True, help="Registered methods and their hyperparameters.")
-datasets_app = typer.Typer(no_args_is_help=True, help="The dataset catalog: list, inspect, prepare, split.")
+                  help="Continual-learning benchmarks for pre-trained vision and vision-language models.\n\n"
+                       "Example: [bold]cilbench run simplecil --dataset digits --quick[/], then [bold]cilbench "
+                       "table[/] (our runs beside the papers' numbers)")
+methods_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
+                          help="Registered methods and their hyperparameters.\n\n"
+                               "Example: [bold]cilbench methods list[/]  or  [bold]cilbench methods info ease[/]")
+datasets_app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
+                           help="The dataset catalog: list, inspect, prepare, split.\n\n"
+                                "Example: [bold]cilbench datasets list[/]  or  [bold]cilbench datasets prepare "
+                                "cifar100[/]")
 app.add_typer(methods_app, name="methods")
 app.add_typer(datasets_app, name="datasets")
 
@@ -32,18 +93,36 @@ def _print_json(obj: Any) -> None:
 
 # ---------------------------------------------------------------- methods
 @methods_app.command("list")
-def methods_list() -> None:
-    """List registered methods.
+def methods_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List registered methods: family, default backbone, paper and what each does.
 
-    Example: [bold]cilbench methods list[/]
+    Piped or redirected, the list is a markdown table with one line per method (names never wrap, so
+    [bold]cilbench methods list | grep -w ease[/] finds a method).
+
+    Example: [bold]cilbench methods list[/]  or  [bold]cilbench methods list --json[/]
     """
     from cilbench.methods import METHODS, load_all
 
-    table = Table("method", "family", "default backbone", "paper", "what it does")
-    for name in load_all():
-        m = METHODS.metadata(name)
-        table.add_row(*(escape(str(v)) for v in (name, m.get("family", ""), m.get("backbone", ""), m.get("paper", ""),
-                                                   m.get("summary", ""))))
+    items = [{"name": name, "family": m.get("family", ""), "default_backbone": m.get("backbone", ""),
+              "paper": m.get("paper", ""), "summary": m.get("summary", "")}
+             for name, m in ((n, METHODS.metadata(n)) for n in load_all())]
+    if as_json:
+        _print_json(items)
+        return
+    headers = ("method", "family", "default backbone", "paper", "what it does")
+    if not console.is_terminal:  # a pipe gets whole lines: one method per line, nothing cut or wrapped
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        cells = ([str(v or "").replace("|", "\\|") for v in item.values()] for item in items)
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        _write_out("\n".join(lines))
+        return
+    table = Table(expand=True)
+    for header in headers[:3]:  # names are single words: never wrapped, never cut
+        table.add_column(header, no_wrap=True)
+    table.add_column("paper", overflow="fold", ratio=1)
+    table.add_column("what it does", overflow="fold", ratio=2)
+    for item in items:
+        table.add_row(*(escape(str(v or "")) for v in item.values()))
     console.print(table)
 
 
@@ -101,6 +180,9 @@ def datasets_info(name: str, cache_dir: Optional[Path] = typer.Option(None, "--c
                   as_json: bool = typer.Option(False, "--json")) -> None:
     """Source, classes, split rule and local state of a dataset.
 
+    The state is "prepared" (manifest and files agree in fields and sizes), "not prepared", or "incomplete: ...",
+    "corrupted: ...", "outdated: ..." with the reason; it is found without hashing (`datasets verify` hashes).
+
     Example: [bold]cilbench datasets info imagenet-a[/]
     """
     import dataclasses
@@ -115,18 +197,45 @@ def datasets_info(name: str, cache_dir: Optional[Path] = typer.Option(None, "--c
         info["source"] = spec.source_line()
         info["split"] = spec.split_rule.describe() if spec.split_rule else "the source's official train/test split"
         root = resolve_cache(cache_dir) / name
-        info["prepared"] = Store.exists(root)
-        if info["prepared"]:
-            manifest = json.loads((root / "manifest.json").read_text())
-            info["store"] = {"path": str(root), "image_size": manifest["image_size"],
-                             "counts": {k: v["count"] for k, v in manifest["splits"].items()},
-                             "source": manifest.get("source")}
+        found = Store.inspect(root)
+        info["prepared"] = found.store is not None
+        info["state"] = found.line()
+        if found.store is not None:
+            info["store"] = {"path": str(root), "image_size": found.store.image_size,
+                             "counts": {k: v["count"] for k, v in found.store.manifest["splits"].items()},
+                             "source": found.store.manifest.get("source")}
+        elif found.fix:
+            info["store"] = {"path": str(root)}
+            info["fix"] = found.fix
     if as_json:
         _print_json(info)
         return
     for key, value in info.items():
         if value not in (None, "", (), {}, []):
-            console.print(f"[bold]{key}[/]: {value}")
+            console.print(f"[bold]{key}[/]: {escape(str(value))}")
+
+
+@datasets_app.command("verify")
+def datasets_verify(name: str,
+                    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="CILBENCH_CACHE")) -> None:
+    """Hash every file of a prepared store and compare it with the manifest (runs hash the label files and a sample
+    of each image file; this reads every byte). Exit 0 when all match, 1 on the first file that does not.
+
+    Example: [bold]cilbench datasets verify cifar100[/]
+    """
+    from cilbench.data.prepare import store_path
+    from cilbench.data.store import Store, StoreCorrupted
+    from cilbench.utils import cache_dir as resolve_cache
+
+    cache = resolve_cache(cache_dir)
+    root = store_path(name, cache)
+    if not Store.exists(root):
+        raise CilbenchError(f"dataset {name} is not prepared in {cache}; run `cilbench datasets prepare {name}`")
+    try:
+        summary = Store.open(root, verify=False).verify(full=True, progress=True)
+    except StoreCorrupted as err:
+        raise CilbenchError(str(err), exit_code=1) from None
+    console.print(summary.line(name), highlight=False)
 
 
 @datasets_app.command("prepare")
@@ -213,11 +322,16 @@ def run(
                       seed=seed, backbone=backbone, weights=weights, sets=parse_sets(set_), out=out, device=device,
                       resume=resume, quick=quick, cache_dir=cache_dir, tag=tag)
     runner = Runner(opts, console=console)
-    console.print(f"[bold]{method}[/] on {dataset} {runner.scenario.name} ({len(runner.scenario.tasks)} tasks), "
-                  f"backbone {runner.backbone_name}, seed {seed}, device {runner.device}"
+    label = " " + escape(f"[{runner.config_label()}]") if runner.config_label() else ""
+    console.print(f"[bold]{method}[/]{label} on {dataset} {runner.scenario.name} ({len(runner.scenario.tasks)} "
+                  f"tasks), backbone {runner.backbone_name}, seed {seed}, device {runner.device}"
                   + (" [yellow](quick: not comparable to papers)[/]" if quick else ""))
-    with _progress() as factory:
-        record, path = runner.run(progress_factory=factory)
+    try:
+        with _progress() as factory:
+            record, path = runner.run(progress_factory=factory)
+    except KeyboardInterrupt:
+        argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+        raise CilbenchError(runner.interrupted_message("cilbench " + shlex.join(argv)), exit_code=130) from None
     _print_summary(record, path)
 
 
@@ -316,14 +430,26 @@ def _print_summary(record: dict, path: Path) -> None:
 
 
 # ---------------------------------------------------------------- metrics, table, check
+def _warn_skipped(item: Any) -> None:
+    """One stderr line per results file that was not read as a run record (``iter_records``' ``on_skip``)."""
+    err_console.print(f"warning: {item}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _write_out(text: str) -> None:
+    """Plain text to stdout as is (no rich wrapping), through the pipe-safe console file."""
+    console.file.write(text if text.endswith("\n") else text + "\n")
+    console.file.flush()
+
+
 @app.command("metrics")
 def metrics_cmd(
     file: Path,
     kind: Optional[str] = typer.Option(None, "--kind", help="cil or mtil (default: from the record, else cil)."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """A_avg / A_last / forgetting, or MTIL Transfer / Average / Last, of an accuracy matrix (JSON, CSV or a run
-    record; rows = after task i, columns = task j, percent).
+    """Score an accuracy matrix: A_avg / A_last / forgetting, or MTIL Transfer / Average / Last.
+
+    The matrix is a JSON, CSV or run record file; rows = after task i, columns = task j, percent.
 
     Example: [bold]cilbench metrics matrix.csv --kind mtil[/]
     """
@@ -357,35 +483,42 @@ def table_cmd(
                                             "suite (benchmarks/suites/NAME.yaml; cilbench sweep --list)."),
     quick: bool = typer.Option(False, "--quick", help="With --benchmark: show the suite's quick-profile runs."),
 ) -> None:
-    """Method x dataset tables of A_avg / A_last (Transfer / Average / Last for MTIL), seeds as mean ± std, with
-    the paper's number and the difference where one is stored. With --benchmark, a paper's table as printed (its
-    rows, columns and marks) with our runs beside its numbers.
+    """Method x dataset tables of our runs (mean ± std over seeds) beside the papers' numbers.
+
+    A_avg / A_last (Transfer / Average / Last for MTIL), with the paper's number and the difference where one is
+    stored. Runs with other settings (--set, --weights) get rows of their own, e.g. "cicae [lambda1=0, lambda2=0]".
+    With --benchmark, a paper's table as printed (its rows, columns and marks) with our runs beside its numbers.
+    Piped or redirected, rich becomes markdown; a table wider than the terminal is split into several.
 
     Example: [bold]cilbench table --results results --format markdown[/]  or  [bold]cilbench table --benchmark
     mos-table1[/]
     """
     from cilbench.results.references import load_references
-    from cilbench.results.tables import build_table, render, suite_table
-    from cilbench.utils import atomic_write_text
+    from cilbench.results.tables import FORMATS, build_table, fold_rich, render, suite_table
+    from cilbench.utils import atomic_write_text, check_writable
 
+    if fmt not in FORMATS:
+        raise CilbenchError(f"unknown table format {fmt!r} (one of {', '.join(FORMATS)})")
+    if output:
+        output = check_writable(output, "table")  # before any record is read
     if benchmark:
         from cilbench.suites import load_suite
 
         tables = suite_table(load_suite(benchmark), results, load_references() if paper else None,
-                             "quick" if quick else "full")
+                             "quick" if quick else "full", on_skip=_warn_skipped)
     else:
-        tables = [build_table(results, load_references() if paper else None)]
-    fmt = "markdown" if (output and fmt == "rich") else fmt
-    rendered = [render(t, fmt) for t in tables]
+        tables = [build_table(results, load_references() if paper else None, on_skip=_warn_skipped)]
+    if fmt == "rich" and (output or not console.is_terminal):
+        fmt = "markdown"  # a file or a pipe gets the whole table, not one cut to a terminal's width
     if output:
-        atomic_write_text(output, "\n".join(rendered))
-        console.print(f"wrote {output}")
+        atomic_write_text(output, "\n".join(render(t, fmt) for t in tables))
+        console.print(f"wrote {output}", markup=False, highlight=False, soft_wrap=True)
     elif fmt != "rich":
-        text = "\n".join(rendered)
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        _write_out("\n".join(render(t, fmt) for t in tables))
     else:
-        for r in rendered:
-            console.print(r)
+        for t in tables:
+            for part in fold_rich(t, console.width):
+                console.print(part)
 
 
 @app.command("sweep")
@@ -397,11 +530,15 @@ def sweep_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="CILBENCH_CACHE"),
     list_: bool = typer.Option(False, "--list", help="List the suites."),
+    restart: bool = typer.Option(False, "--restart", help="Start unfinished runs over instead of resuming their "
+                                 "checkpoints (e.g. one that cannot be resumed)."),
 ) -> None:
-    """Run every run of a paper table's suite whose record is missing (one after another on this machine);
-    existing records are skipped, an interrupted run resumes. Exit 1 when a run failed.
+    """Run every run of a paper table's suite whose record is missing, one after another on this machine.
 
-    Example: [bold]cilbench sweep mos-table1 --dry-run[/]  or  [bold]cilbench sweep cicae-text[/]
+    Existing records are skipped, an interrupted run resumes. Exit 1 when a run failed. The suites:
+    [bold]cilbench sweep --list[/].
+
+    Example: [bold]cilbench sweep mos-table1 --dry-run[/]  or  [bold]cilbench sweep cicae-table4[/]
     """
     from cilbench.suites import list_suites, load_suite, sweep
 
@@ -414,8 +551,14 @@ def sweep_cmd(
         return
     s = load_suite(suite)
     console.print(f"[bold]{escape(s.title)}[/]: {len(s.runs())} runs" + (" [yellow](quick)[/]" if quick else ""))
-    with _progress() as factory:
-        items = sweep(s, results, quick, device, cache_dir, dry_run, factory, console.print)
+    try:
+        with _progress() as factory:
+            items = sweep(s, results, quick, device, cache_dir, dry_run, factory,
+                          lambda text: console.print(text, soft_wrap=True), restart)  # one line a run: grep-able
+    except KeyboardInterrupt:
+        argv = [a for a in sys.argv[1:] if a != "--restart"]
+        raise CilbenchError("interrupted; finished runs keep their records and the current run its last "
+                            f"checkpoint; continue with: cilbench {shlex.join(argv)}", exit_code=130) from None
     counts = {k: sum(i.status == k for i in items) for k in ("done", "ran", "failed", "planned")}
     console.print(f"{counts['done']} already done, {counts['ran']} ran, {counts['failed']} failed"
                   + (f", {counts['planned']} to run" if dry_run else ""))
@@ -436,22 +579,26 @@ def plot_cmd(
 ) -> None:
     """Plots as PNG: accuracy-per-task curves per method, or an accuracy matrix (e.g. MTIL) as a heat map.
 
+    Tasks are numbered from 1 in both plots. Curves: one line per method (and configuration), the legend beside the
+    axes; a one-task run (joint training) is a marked point with a dotted level line.
+
     Example: [bold]cilbench plot curves --dataset imagenet-a -o curves.png[/]  or  [bold]cilbench plot matrix
     results/RUN.json -o matrix.png[/]
     """
-    from cilbench.results.plots import plot_curves, plot_matrix
+    from cilbench.results.plots import check_png_output, plot_curves, plot_matrix
 
+    if what not in ("curves", "matrix"):
+        raise CilbenchError(f"unknown plot {what!r} (curves or matrix)")
+    output = check_png_output(output)  # before any record is read or any figure drawn
     if what == "curves":
         if not dataset:
             raise CilbenchError("plot curves needs --dataset")
-        plot_curves(results, dataset, scenario, output)
-    elif what == "matrix":
+        plot_curves(results, dataset, scenario, output, on_skip=_warn_skipped)
+    else:
         if record is None:
             raise CilbenchError("plot matrix needs a run record: cilbench plot matrix RUN.json -o matrix.png")
         plot_matrix(record, output)
-    else:
-        raise CilbenchError(f"unknown plot {what!r} (curves or matrix)")
-    console.print(f"wrote {output}")
+    console.print(f"wrote {output}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("check")
@@ -460,9 +607,16 @@ def check_cmd(
     results: Path = typer.Option(Path("results"), "--results", help="Folder of run records to check."),
     tolerance: float = typer.Option(1.0, "--tolerance", help="Allowed drop in percentage points."),
     show_all: bool = typer.Option(False, "--all", help="Show every compared metric, not only regressions."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="Pass although runs of the reference folder "
+                                       "(groups or seeds) have no counterpart in --results."),
+    allow_damaged: bool = typer.Option(False, "--allow-damaged", help="Pass although a run record under either "
+                                       "folder is damaged (truncated, wrong field types, newer schema)."),
 ) -> None:
-    """Regression check for CI: exit 1 and a table of what regressed when a metric falls more than the tolerance
-    below the reference; exit 0 otherwise.
+    """Regression check for CI: exit 1 when a metric falls more than the tolerance below the reference.
+
+    Runs are compared with runs of the same identity, configuration (--set, --weights) included. Also exit 1 when
+    a run of the reference folder is missing from --results or a run record is damaged (each skipped file is one
+    warning line), unless --allow-missing / --allow-damaged; exit 0 otherwise.
 
     Example: [bold]cilbench check --results results --against baseline-results --tolerance 0.5[/]
     """
@@ -472,15 +626,18 @@ def check_cmd(
 
     if against != "paper" and not Path(against).is_dir():
         raise CilbenchError(f"--against must be 'paper' or an existing results folder; {against} is neither")
-    result = check(results, "paper" if against == "paper" else Path(against), tolerance)
-    shown = result if show_all else dataclasses.replace(result, rows=[r for r in result.rows
-                                                                     if r.status == "regressed"])
+    result = check(results, "paper" if against == "paper" else Path(against), tolerance, on_skip=_warn_skipped,
+                   allow_missing=allow_missing, allow_damaged=allow_damaged)
+    failing = {"regressed"} | (set() if allow_missing else {"missing-run"})
+    shown = result if show_all else dataclasses.replace(result, rows=[r for r in result.rows if r.status in failing])
     if shown.rows:
         console.print(render_check(shown))
     if not result.compared:
         raise CilbenchError(result.summary() + "; comparing nothing is not a pass", exit_code=1)
-    console.print(result.summary())
-    if result.regressed:
+    console.print(result.summary(), markup=False, highlight=False, soft_wrap=True)
+    for line in result.failures:
+        err_console.print(f"check failed: {line}", markup=False, highlight=False, soft_wrap=True)
+    if result.failed:
         raise typer.Exit(1)
 
 

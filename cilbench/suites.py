@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from rich.markup import escape
 
 from cilbench.errors import CilbenchError
 
@@ -184,9 +185,23 @@ def parse_suite(doc: Any, path: Path) -> Suite:
         sets = row.get("sets") or {}
         if not isinstance(sets, dict):
             raise CilbenchError(f"{w}: sets must be a mapping of setting: value")
+        for key, value in sets.items():
+            items = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, (str, int, float, bool)) for v in items):
+                raise CilbenchError(f"{w}: sets.{key} must be a number, a string, true/false or a list of them")
+        method = row.get("method")
+        if method is not None and not isinstance(method, str):
+            raise CilbenchError(f"{w}: method must be a method name (a string), not {method!r}")
         datasets = row.get("datasets")
-        rows.append(SuiteRow(label, row.get("method"), {str(k): v for k, v in sets.items()},
-                             tuple(datasets) if datasets is not None else None, bool(row.get("sweep", True)),
+        if datasets is not None and (not isinstance(datasets, list) or not all(isinstance(d, str)
+                                                                               for d in datasets)):
+            raise CilbenchError(f"{w}: datasets must be a list of dataset names, e.g. [imagenet-a]")
+        if not isinstance(row.get("sweep", True), bool):
+            raise CilbenchError(f"{w}: sweep must be true or false")
+        if row.get("backbone") is not None and not isinstance(row["backbone"], str):
+            raise CilbenchError(f"{w}: backbone must be a backbone name (a string)")
+        rows.append(SuiteRow(label, method, {str(k): v for k, v in sets.items()},
+                             tuple(datasets) if datasets is not None else None, row.get("sweep", True),
                              row.get("backbone")))
     blocks = []
     for i, block in enumerate(doc.get("blocks") or []):
@@ -200,8 +215,11 @@ def parse_suite(doc: Any, path: Path) -> Suite:
             raise CilbenchError(f"{w}: row {missing[0]!r} is not among the suite's rows")
         blocks.append(SuiteBlock(str(_need(block, "label", w)), str(_need(block, "metric", w)), names))
     seeds = doc.get("seeds", [1993])
-    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
-        raise CilbenchError(f"{where}: seeds must be a list of integers")
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds):
+        raise CilbenchError(f"{where}: seeds must be a list of integers from 0 to {2**32 - 1}")
+    if doc.get("backbone") is not None and not isinstance(doc["backbone"], str):
+        raise CilbenchError(f"{where}: backbone must be a backbone name (a string)")
     return Suite(path.stem, path, str(doc.get("title") or path.stem), str(_need(doc, "paper", where)),
                  str(_need(doc, "table", where)), columns, rows, tuple(seeds), doc.get("backbone"),
                  _metrics(doc.get("metrics"), where), str(doc.get("notes") or ""), blocks)
@@ -238,37 +256,48 @@ class SweepItem:
 
 def sweep(suite: Suite, out: Path, quick: bool = False, device: str = "auto", cache_dir: Path | None = None,
           dry_run: bool = False, progress_factory: Callable | None = None,
-          say: Callable[[str], None] = lambda text: None) -> list[SweepItem]:
-    """Run every missing run of ``suite`` in order; a run whose record exists is skipped. A failing run is
-    reported and the sweep goes on (the caller exits non-zero when any failed)."""
+          say: Callable[[str], None] = lambda text: None, restart: bool = False) -> list[SweepItem]:
+    """Run every missing run of ``suite`` in order. A run is done when its record exists *and* was made with the
+    row's configuration (the record name carries the configuration's key, and the record's config is compared).
+    An unfinished run resumes from its checkpoint, or starts over with ``restart``. A failing run, whatever the
+    error, is reported in one line and the sweep goes on (the caller exits non-zero when any failed)."""
     from cilbench.engine.runner import Runner
 
     items: list[SweepItem] = []
     plan = suite.runs()
     for i, (row, col, seed) in enumerate(plan, 1):
         opts = run_options(suite, row, col, seed, out, quick, device, cache_dir)
-        where = f"[{i}/{len(plan)}] {row.method} on {col.dataset} {col.scenario} seed {seed}"
+        label = " " + escape(f"[{_sets_label(row.sets)}]") if row.sets else ""
+        where = f"[{i}/{len(plan)}] {row.method}{label} on {col.dataset} {col.scenario} seed {seed}"
         try:
-            runner = Runner(opts)
+            runner = Runner(opts, restart_hint="run the sweep again with --restart")
         except CilbenchError as err:
             items.append(SweepItem(row.label, row.method, col.dataset, col.scenario, seed, Path(), "failed", str(err)))
             say(f"{where}: [red]cannot run[/]: {err}")
             continue
         item = SweepItem(row.label, row.method, col.dataset, col.scenario, seed, runner.record_path, "planned")
         items.append(item)
-        if runner.record_path.is_file():
+        if runner.existing_record_is_ours():
             item.status = "done"
             say(f"{where}: done ({runner.record_path.name})")
             continue
         if dry_run:
             say(f"{where}: would run -> {runner.record_path.name}")
             continue
-        say(f"{where}: running")
+        say(f"{where}: {'starting over' if restart else 'running'}")
         try:
-            runner.opts.resume = True  # a killed sweep continues its unfinished run from the last task
+            # a killed sweep continues its unfinished run from the last task, unless told to start over
+            runner.opts.resume = not restart and runner.checkpoint.exists()
             runner.run(progress_factory=progress_factory)
             item.status = "ran"
-        except CilbenchError as err:
-            item.status, item.message = "failed", str(err)
-            say(f"{where}: [red]failed[/]: {err}")
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # noqa: BLE001 - one failed run never stops the sweep
+            text = str(err) if isinstance(err, CilbenchError) else f"{type(err).__name__}: {err}"
+            item.status, item.message = "failed", " ".join(text.split())[:300]
+            say(f"{where}: [red]failed[/]: {item.message}")
     return items
+
+
+def _sets_label(sets: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_set_text(v)}" for k, v in sorted(sets.items()))

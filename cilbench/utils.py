@@ -35,6 +35,46 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
             tmp_path.unlink()
 
 
+NAME_MAX = 255  # bytes in one file name on Linux/macOS file systems; longer names fail only at write time
+_TEMP_NAME_EXTRA = len("..XXXXXXXX.tmp")  # what atomic_path adds around the name of its temporary file
+
+
+def check_writable(path: str | Path, what: str = "output") -> Path:
+    """Refuse, in one line and before any work, an output path that cannot be written as a regular file.
+
+    Refused: an existing folder, an existing non-regular file (``/dev/null``, a FIFO), a name longer than NAME_MAX
+    (less what the atomic write's temporary name adds), a parent that is a file, and a parent folder that neither
+    exists writable nor can be created inside a writable folder. Creates nothing; returns the path, ``~`` expanded.
+    """
+    from cilbench.errors import CilbenchError
+
+    raw = str(path)
+    if not raw.strip():
+        raise CilbenchError(f"{what} path is empty")
+    path = Path(raw).expanduser()
+    # Names first: stat() on an over-long name raises instead of answering. The atomic write's temporary file
+    # (".NAME.XXXXXXXX.tmp") is what must fit, so the name gets 14 bytes less than NAME_MAX.
+    limit = NAME_MAX - _TEMP_NAME_EXTRA
+    for i, name in enumerate(path.parts):
+        size, most = len(os.fsencode(name)), limit if i == len(path.parts) - 1 else NAME_MAX
+        if size > most:
+            raise CilbenchError(f"cannot write {what} {raw[:60]}...: the name {name[:30]}... is {size} bytes; at "
+                                f"most {most} fit")
+    if path.is_dir():
+        raise CilbenchError(f"cannot write {what} {path}: it is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        raise CilbenchError(f"cannot write {what} {path}: it exists and is not a regular file")
+    # The nearest existing ancestor decides: it must be a writable folder (missing folders below it get created).
+    anchor = path.parent
+    while not anchor.exists() and anchor.parent != anchor:
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise CilbenchError(f"cannot write {what} {path}: {anchor} is not a folder")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise CilbenchError(f"cannot write {what} {path}: no permission to write in {anchor}")
+    return path
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:

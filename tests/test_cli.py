@@ -35,7 +35,7 @@ def test_run_each_method_on_synthetic(cli, tmp_path, method, args):
     r = cli("run", method, "--dataset", "synthetic", "--quick", "--out", out, *args)
     assert r.code == 0, r.err + r.out
     rec = _record(out)
-    assert rec["schema_version"] == 1 and rec["status"] == "complete"
+    assert rec["schema_version"] == 2 and rec["status"] == "complete"
     assert rec["method"] == method and rec["dataset"] == "synthetic" and rec["kind"] == "cil"
     assert rec["profile"] == "quick" and rec["comparable"] is False
     n = 1 if method == "joint" else 4  # synthetic: 20 classes, default B0Inc5
@@ -121,7 +121,7 @@ def _one_line_error(r, code: int | None = None) -> str:
     (["datasets", "prepare", "objectnet"], "no hub source"),
     (["run", "simplecil", "--dataset", "synthetic"], "cannot reach the model hub"),  # real weights, offline
     (["run", "simplecil", "--dataset", "synthetic", "--weights", "/nonexistent.pt"], "no weights file"),
-    (["run", "finetune", "--dataset", "synthetic", "--quick", "--set", "lr=inf"], "training diverged"),
+    (["run", "finetune", "--dataset", "synthetic", "--quick", "--set", "lr=1e30"], "training diverged"),
 ])
 def test_bad_input_is_one_line(cli, tmp_path, args, message):
     out = tmp_path / "res"

@@ -43,10 +43,33 @@ def test_resume_after_sigkill_gives_identical_numbers(tmp_path, args):
     assert not list((tmp_path / "resumed" / ".checkpoints").glob("*.pt"))  # removed once the record is written
 
 
-def test_resume_refuses_a_different_config(tmp_path):
+def test_a_different_config_is_another_run_with_its_own_checkpoint(tmp_path):
     killed = _cli(tmp_path, kill_after=0)
     assert killed.returncode == -9
+    (ckpt,) = (tmp_path / ".checkpoints").glob("*.ckpt.json")
     other = subprocess.run([sys.executable, "-m", "cilbench", *ARGS[:-1], "epochs=3", "--out", str(tmp_path),
                             "--resume"], capture_output=True, text=True, timeout=300)
-    # a different config is a different command: it has its own record name but the same checkpoint path
-    assert other.returncode != 0 and "different command or config" in other.stderr
+    # the configuration is part of the run's identity: its own record name, its own (absent) checkpoint
+    assert other.returncode == 0, other.stderr
+    assert "no checkpoint of this run" in other.stdout
+    (record,) = tmp_path.glob("*.json")
+    assert "__cfg-" in record.name and json.loads(record.read_text())["overrides"] == {"epochs": 3}
+    assert ckpt.exists()  # the killed default run's checkpoint is untouched
+    resumed = _cli(tmp_path, "--resume")
+    assert resumed.returncode == 0 and "resuming after task 1" in resumed.stdout
+
+
+def test_resume_refuses_data_prepared_again_from_another_source(tmp_path):
+    cache = tmp_path / "cache"
+    killed = _cli(tmp_path / "out", "--cache-dir", str(cache), kill_after=0)
+    assert killed.returncode == -9
+    manifest = cache / "synthetic" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    # prepared again from another source: other class names and split recipe over the same files
+    doc["class_names"] = [f"other{i}" for i in range(len(doc["class_names"]))]
+    doc["split_recipe"] = {"rule": "stratified 80/20", "seed": 42}
+    manifest.write_text(json.dumps(doc))
+    resumed = _cli(tmp_path / "out", "--cache-dir", str(cache), "--resume")
+    assert resumed.returncode != 0
+    lines = resumed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "prepared data" in lines[0] and "without --resume" in lines[0]

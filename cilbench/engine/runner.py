@@ -1,9 +1,14 @@
 """The task loop: scenario -> for each task (before, fit, after, evaluate, checkpoint) -> run record.
 
 Determinism and resume: every task starts from a seed derived from (run seed, task index), shuffles use generators
-seeded by (seed, task, epoch), and a checkpoint (atomic) is written after every task. ``resume`` rebuilds the
-method, replays the structural ``before_task`` hooks of the finished tasks, loads the checkpoint and continues, so a
-run killed at any point and resumed ends with the same record numbers as an uninterrupted one.
+seeded by (seed, task, epoch), and a checkpoint (``engine.checkpoint``: JSON + verified tensors) is written after
+every task. ``resume`` rebuilds the method, replays the structural ``before_task`` hooks of the finished tasks, loads
+the checkpoint and continues, so a run killed at any point and resumed ends with the same record numbers as an
+uninterrupted one.
+
+Identity (``cilbench.identity``): the record's file name carries the configuration's key, a record made with another
+configuration is never overwritten, and the resume fingerprint covers the configuration, the weights file's sha256
+and the prepared data (source, revision, split recipe, file checksums).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -25,18 +31,23 @@ import torch
 from cilbench import metrics
 from cilbench.data.augment import PRESETS
 from cilbench.data.scenario import Scenario, Task, build_scenario
+from cilbench.data.store import sha256_file
+from cilbench.engine.checkpoint import Checkpoint
 from cilbench.engine.evaluator import evaluate_row, extract_features
 from cilbench.engine.loader import TaskData
 from cilbench.engine.trainer import fit
 from cilbench.errors import CilbenchError
+from cilbench.identity import config_key, describe, overrides
 from cilbench.methods import load_method
 from cilbench.methods.base import Method, resolve_config
-from cilbench.models.backbones import BACKBONES, build_backbone
+from cilbench.models.backbones import BACKBONES, build_backbone, is_random
 from cilbench.results.record import SCHEMA_VERSION, record_filename
-from cilbench.utils import atomic_path, atomic_write_json, cache_dir, git_hash, package_versions, seed_everything
+from cilbench.utils import atomic_write_json, cache_dir, check_writable, git_hash, package_versions, seed_everything
 
 QUICK_TRAIN_PER_CLASS = 40
 QUICK_TEST_PER_CLASS = 20
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding (the PILOT class permutation) takes 0 .. 2**32 - 1
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}", re.ASCII)
 
 
 @dataclass
@@ -59,13 +70,26 @@ class RunOptions:
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; anything else, or a CUDA device torch does not see, is one line."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CilbenchError("--device cuda asked for, but torch sees no CUDA device; use --device cpu or auto")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise CilbenchError(f"unknown device {name!r} (auto, cpu, cuda)")
+    if name == "cpu":
+        return torch.device("cpu")
+    index = name.removeprefix("cuda:") if name.startswith("cuda:") else ("" if name == "cuda" else None)
+    if index is None or (index and not (index.isascii() and index.isdigit())):
+        raise CilbenchError(f"unknown device {name!r} (auto, cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise CilbenchError(f"--device {name} asked for, but torch sees no CUDA device; use --device cpu or auto")
+    if index and int(index) >= torch.cuda.device_count():
+        raise CilbenchError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                            f"numbered from 0")
     return torch.device(name)
+
+
+def check_seed(seed: int, what: str = "--seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise CilbenchError(f"{what} must be an integer from 0 to {MAX_SEED}, not {seed!r}")
+    return seed
 
 
 def task_seed(seed: int, task_index: int) -> int:
@@ -127,10 +151,32 @@ class ScenarioData:
                     rows = _cap_per_class(rows, glob[rows], cap, seed)
                 out.append(TaskData(split.images, rows, glob[rows]))
         self.stores = stores
+        self.manifest_sha256 = {name: sha256_file(store.root / "manifest.json") for name, store in stores.items()}
         for t, task in enumerate(scenario.tasks):
             if len(self.train[t]) == 0 or len(self.test[t]) == 0:
                 raise CilbenchError(f"{task.name} of {scenario.dataset} has no training or test images; "
                                     f"the prepared store does not hold its classes")
+
+    def identity(self) -> dict[str, dict[str, Any]]:
+        """What the run was made on, per store: its source and resolved revision, the split recipe, the manifest's
+        sha256, and ``content_sha256`` over what decides the numbers (source, split, class names, image size and
+        every file's checksum), which the resume fingerprint uses: preparing the same data again keeps it."""
+        out = {}
+        for name, store in self.stores.items():
+            m = store.manifest
+            source = m.get("source") or {}
+            content = dict(source=source, split_recipe=m.get("split_recipe"), class_names=m.get("class_names"),
+                           image_size=m.get("image_size"),
+                           files={split: {kind: f.get("sha256") for kind, f in meta["files"].items()}
+                                  for split, meta in m["splits"].items()})
+            out[name] = {"source": source.get("kind"), "repo": source.get("repo"), "path": source.get("path"),
+                         "revision": source.get("revision"), "resolved_revision": source.get("resolved_revision"),
+                         "split_recipe": m.get("split_recipe"), "counts": {k: v.get("count")
+                                                                           for k, v in m["splits"].items()},
+                         "manifest_sha256": self.manifest_sha256[name],
+                         "content_sha256": hashlib.sha256(json.dumps(content, sort_keys=True, default=str)
+                                                          .encode()).hexdigest()}
+        return out
 
     def class_names(self, task: Task) -> tuple[str, ...]:
         base, _, domain = task.dataset.partition("/")
@@ -160,9 +206,16 @@ def _merge_tasks(scenario: Scenario) -> Scenario:
 
 
 class Runner:
-    def __init__(self, opts: RunOptions, console=None):
+    """One run: built (and every user error found) in ``__init__`` before any data or model is loaded, then
+    ``run``. ``restart_hint`` says how to start over when a checkpoint cannot be resumed (``sweep --restart``)."""
+
+    def __init__(self, opts: RunOptions, console=None, restart_hint: str = "run the same command without --resume"):
         self.opts = opts
         self.console = console
+        check_seed(opts.seed)
+        if opts.tag and not _TAG.fullmatch(opts.tag):
+            raise CilbenchError(f"--tag {opts.tag[:40]!r}: use 1 to 64 ASCII letters, digits, '.', '_', '+' or '-', "
+                                f"starting with a letter or digit")
         self.method_cls: type[Method] = load_method(opts.method)
         meta = _method_meta(opts.method)
         self.cfg, self.config_sources = resolve_config(self.method_cls, opts.dataset, opts.quick, opts.sets)
@@ -173,6 +226,7 @@ class Runner:
         if opts.quick and bspec.tiny:
             backbone = bspec.tiny
         self.backbone_name = backbone
+        self.weights_sha256 = self._weights_sha256(BACKBONES.get(backbone))
         self.scenario = build_scenario(opts.dataset, opts.scenario, opts.seed, opts.class_order, opts.order)
         if self.method_cls.merges_tasks:
             self.scenario = _merge_tasks(self.scenario)
@@ -182,18 +236,62 @@ class Runner:
                                 f"needs for Transfer; run a CLIP method on {opts.dataset}")
         self.device = pick_device(opts.device)
         self.cache = cache_dir(opts.cache_dir)
+        self.overrides = overrides(self.method_cls, opts.dataset, opts.quick, opts.sets)
+        self.config_key = config_key(self.overrides, self.weights_sha256)
         scenario_label = self.scenario.name + (f"-{opts.class_order}" if opts.class_order else "")
         tag = opts.tag or ("quick" if opts.quick else "")
-        self.record_path = Path(opts.out) / record_filename(opts.method, opts.dataset, scenario_label, opts.seed,
-                                                            backbone, tag)
-        self.ckpt_path = Path(opts.out) / ".checkpoints" / (self.record_path.stem + ".pt")
+        self.record_path = check_writable(Path(opts.out) / record_filename(
+            opts.method, opts.dataset, scenario_label, opts.seed, backbone, tag, self.config_key), "run record")
+        self.checkpoint = Checkpoint(self.record_path.parent / ".checkpoints", self.record_path.stem, restart_hint)
+        check_writable(self.checkpoint.meta_path, "checkpoint")
+        self._refuse_other_config()
+        self.data_identity: dict[str, Any] = {}
+        self.saved_tasks = 0  # tasks covered by the checkpoint on disk (for the interrupt message)
+
+    def _weights_sha256(self, spec) -> str | None:
+        weights = self.opts.weights
+        if weights is None:
+            return None
+        if is_random(spec.name):
+            why = "--quick runs a random tiny backbone" if self.opts.quick else f"{spec.name} is a random backbone"
+            raise CilbenchError(f"--weights {weights} cannot be used here: {why}; drop --weights or --quick")
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise CilbenchError(f"no weights file {weights}")
+        return sha256_file(path)
+
+    def _refuse_other_config(self) -> None:
+        """A record at our path made with another configuration is never overwritten."""
+        path = self.record_path
+        if not path.exists():
+            return
+        try:
+            old = json.loads(path.read_text())
+            same = isinstance(old, dict) and old.get("config_key", "") == self.config_key and \
+                json.loads(json.dumps(old.get("config"), default=str)) == \
+                json.loads(json.dumps(dataclasses.asdict(self.cfg), default=str))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            same = False
+        if not same:
+            raise CilbenchError(f"{path} exists and was made with another configuration (or is not a readable "
+                                f"record); keep both with --tag TEXT or --out DIR, or move it away")
+
+    def existing_record_is_ours(self) -> bool:
+        """True when the record at ``record_path`` exists and was made with this run's configuration."""
+        try:
+            self._refuse_other_config()
+        except CilbenchError:
+            return False
+        return self.record_path.is_file()
 
     def fingerprint(self) -> str:
-        """What must match for --resume to continue a checkpoint."""
+        """What must match for --resume to continue a checkpoint: the command, the effective configuration, the
+        weights file and the prepared data the run reads."""
         o = self.opts
         key = dict(method=o.method, dataset=o.dataset, scenario=self.scenario.name, order=o.class_order, seed=o.seed,
                    backbone=self.backbone_name, quick=o.quick, config=dataclasses.asdict(self.cfg),
-                   weights=o.weights)
+                   weights_sha256=self.weights_sha256, data={k: v["content_sha256"]
+                                                             for k, v in self.data_identity.items()})
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def run(self, progress_factory: Callable | None = None) -> tuple[dict[str, Any], Path]:
@@ -202,35 +300,45 @@ class Runner:
         wall = time.perf_counter()
         seed_everything(opts.seed)
         data = ScenarioData(scenario, self.cache, opts.quick, opts.seed)
+        self.data_identity = data.identity()
         scenario.tasks = [dataclasses.replace(t, class_names=data.class_names(t)) for t in scenario.tasks]
+        n = len(scenario.tasks)
+        resumed = None
+        if opts.resume:
+            if self.checkpoint.exists():
+                resumed = self.checkpoint.load(self.fingerprint(), n, device)
+            else:
+                self._say(f"no checkpoint of this run in {self.checkpoint.folder}: starting from the first task")
+        elif self.checkpoint.exists():
+            done = _tasks_in(self.checkpoint)
+            self._say(f"[yellow]starting over[/]: the checkpoint {self.checkpoint.meta_path} ({done}) will be "
+                      f"replaced; pass --resume to continue it instead")
         backbone = build_backbone(self.backbone_name, pretrained=True, weights=opts.weights)
         preset = self.cfg.transform or backbone.spec.preset
         if preset not in PRESETS:
             raise CilbenchError(f"unknown transform preset {preset!r} ({', '.join(PRESETS)})")
         transform = PRESETS[preset].with_size(backbone.input_size)
         method = self.method_cls(self.cfg, backbone, scenario).to(device)
-        n = len(scenario.tasks)
         matrix: list[list[float | None]] = []
         views: dict[str, list[list[float | None]]] = {}  # accuracy matrix of each extra score view
         timings: list[dict[str, Any]] = []
         first = 0
-        if opts.resume and self.ckpt_path.is_file():
-            ckpt = torch.load(self.ckpt_path, map_location=device, weights_only=False)
-            if ckpt["fingerprint"] != self.fingerprint():
-                raise CilbenchError(f"checkpoint {self.ckpt_path} was made by a different command or config; "
-                                    f"run without --resume to start over")
-            first = ckpt["next_task"]
+        if resumed is not None:
+            first = resumed.next_task
             for task in scenario.tasks[:first]:
                 method.before_task(task)
                 method.seen_classes.extend(task.classes)
             method.to(device)
-            method.load_checkpoint_state(ckpt["method"])
-            method.extra = ckpt["extra"]
-            matrix, timings, views = ckpt["matrix"], ckpt["timings"], ckpt.get("views", {})
-            started = ckpt["started_at"]
-            self._say(f"resuming after task {first} of {n} from {self.ckpt_path}")
-        elif self.ckpt_path.exists():
-            self.ckpt_path.unlink()
+            method.load_checkpoint_state(resumed.tensors)
+            method.extra = resumed.meta["logged"]
+            matrix, timings, views = resumed.meta["matrix"], resumed.meta["timings"], resumed.meta["views"]
+            started = resumed.meta["started_at"]
+            self.saved_tasks = first
+            self._say(f"resuming after task {first} of {n} from {self.checkpoint.meta_path}")
+        else:
+            self.checkpoint.remove()
+            if self.checkpoint.legacy_path().exists():  # format 1 (pickled): never loaded, never kept
+                self.checkpoint.legacy_path().unlink()
         for t in range(first, n):
             task = scenario.tasks[t]
             seed_everything(task_seed(opts.seed, t))
@@ -263,21 +371,31 @@ class Runner:
                                 if stats.seconds > 0 else 0.0,
                                 skipped_steps=stats.skipped_steps, final_loss=stats.final_loss))
             self._report_task(task, row, matrix, data)
-            self._checkpoint(method, t + 1, matrix, timings, started, views)
+            self.checkpoint.save(dict(fingerprint=self.fingerprint(), next_task=t + 1, matrix=matrix,
+                                      timings=timings, views=views, logged=method.extra, started_at=started),
+                                 method.checkpoint_state())
+            self.saved_tasks = t + 1
             if os.environ.get("CILBENCH_TEST_KILL_AFTER_TASK") == str(t):  # test hook: a hard kill mid-run
                 os.kill(os.getpid(), signal.SIGKILL)
+            if os.environ.get("CILBENCH_TEST_INTERRUPT_AFTER_TASK") == str(t):  # test hook: Ctrl-C mid-run
+                raise KeyboardInterrupt
         counts = [len(d) for d in data.test]
         record = self._record(method, matrix, counts, timings, started, wall, data, views)
         atomic_write_json(self.record_path, record)
-        if self.ckpt_path.exists():
-            self.ckpt_path.unlink()
+        self.checkpoint.remove()
         return record, self.record_path
 
-    def _checkpoint(self, method: Method, next_task: int, matrix, timings, started: str, views) -> None:
-        state = dict(fingerprint=self.fingerprint(), next_task=next_task, method=method.checkpoint_state(),
-                     extra=method.extra, matrix=matrix, timings=timings, started_at=started, views=views)
-        with atomic_path(self.ckpt_path) as tmp:
-            torch.save(state, tmp)
+    def config_label(self) -> str:
+        """The run's non-default settings, readable (``lambda1=0, lambda2=0``); empty for the method's own."""
+        return describe(self.overrides, self.weights_sha256)
+
+    def interrupted_message(self, command: str) -> str:
+        """What a Ctrl-C tells the user: where the last checkpoint is and the command that continues it."""
+        n = len(self.scenario.tasks)
+        if self.saved_tasks and self.checkpoint.exists():
+            return (f"interrupted; tasks 1-{self.saved_tasks} of {n} are saved in {self.checkpoint.meta_path}; "
+                    f"continue with: {command}")
+        return f"interrupted before the first task finished; nothing was saved; run again with: {command}"
 
     def _say(self, text: str) -> None:
         if self.console is not None:
@@ -324,10 +442,18 @@ class Runner:
             "comparable": not opts.quick,
             "note": "quick smoke profile: tiny random backbone, few epochs, data subset; not comparable to papers"
                     if opts.quick else "",
+            "config_key": self.config_key,
+            "config_label": self.config_label(),
+            "overrides": self.overrides,
             "config": dataclasses.asdict(self.cfg),
+            # the full effective config, hashed: tells apart two "default" runs made before and after a default moved
+            "config_sha256": hashlib.sha256(json.dumps(dataclasses.asdict(self.cfg), sort_keys=True,
+                                                       default=str).encode()).hexdigest(),
             "config_sources": self.config_sources,
             "run": {"device": opts.device, "cache_dir": str(self.cache), "weights": opts.weights,
-                    "image_sizes": sorted(data.image_sizes), "merged_tasks": self.method_cls.merges_tasks},
+                    "weights_sha256": self.weights_sha256, "image_sizes": sorted(data.image_sizes),
+                    "merged_tasks": self.method_cls.merges_tasks, "tag": opts.tag},
+            "data": self.data_identity,
             "accuracy_matrix": matrix,
             "test_counts": counts,
             "accuracy_per_task": per_task,
@@ -341,6 +467,13 @@ class Runner:
             "started_at": started,
             "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
+
+
+def _tasks_in(checkpoint: Checkpoint) -> str:
+    try:
+        return f"{checkpoint.read_meta()['next_task']} task(s) done"
+    except CilbenchError:
+        return "unreadable"
 
 
 def _cpu_name() -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -38,7 +39,11 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    first_weight_decay: float | None = None  # weight decay of the first task when it differs (PILOT finetune)
     schedule: str = "cosine"  # cosine | constant | step
+    # when the lr moves: once per epoch from the epoch index (torch schedulers stepped per epoch, as PILOT and the
+    # official PTM-CIL codes) or every iteration; runs counted in ``iterations`` always anneal per iteration
+    schedule_unit: str = "epoch"  # epoch | iteration
     lr_milestones: tuple[int, ...] = ()  # schedule="step": epochs after which the lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
     warmup_epochs: float = 0.0
@@ -46,6 +51,16 @@ class TrainConfig:
     min_lr: float = 0.0
     label_smoothing: float = 0.0
     transform: str | None = None  # augmentation preset (pilot | clip); None: the backbone's protocol
+
+    # What values a setting may take, checked for every run (``validate_config``). Subclasses extend these with
+    # ``LIMITS = {**Parent.LIMITS, ...}``. Numbers must be finite and >= 0 unless named in SIGNED or LIMITS.
+    LIMITS: ClassVar[dict[str, tuple[float | None, float | None]]] = {
+        "batch_size": (1, None), "eval_batch_size": (1, None), "iterations": (1, None), "first_epochs": (0, None),
+        "momentum": (0, 1), "lr_gamma": (0, None), "label_smoothing": (0, 1)}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "optimizer": ("sgd", "adamw", "adam"), "schedule": ("cosine", "constant", "step"),
+        "schedule_unit": ("epoch", "iteration")}
+    SIGNED: ClassVar[frozenset[str]] = frozenset()
 
 
 @dataclass
@@ -209,7 +224,36 @@ def resolve_config(cls: type[Method], dataset: str, quick: bool, sets: dict[str,
             raise CilbenchError(f"method {cls.name} has no setting {key!r}{hint}")
         values[key] = _coerce(key, text, types_[key])
     cfg = cls.Config(**values)
+    validate_config(cfg, set(sets))
     return cfg, {"preset": preset, "quick": dict(cls.quick) if quick else {}, "set": dict(sets)}
+
+
+def validate_config(cfg: TrainConfig, from_user: set[str] = frozenset()) -> None:
+    """Refuse, in one line, a setting outside what it may take: numbers finite and within ``LIMITS`` (>= 0 unless
+    ``SIGNED``), strings among ``CHOICES``. Settings the user passed are named as ``--set key=value``."""
+    limits, choices, signed = type(cfg).LIMITS, type(cfg).CHOICES, type(cfg).SIGNED
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        where = f"--set {f.name}={_show(value)}" if f.name in from_user else f"setting {f.name}={_show(value)}"
+        if f.name in choices and value is not None and value not in choices[f.name]:
+            raise CilbenchError(f"{where}: must be one of {', '.join(choices[f.name])}")
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        for v in items:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if not math.isfinite(v):
+                raise CilbenchError(f"{where}: must be a finite number")
+            low, high = limits.get(f.name, (None, None) if f.name in signed else (0, None))
+            if low is not None and v < low:
+                raise CilbenchError(f"{where}: must be at least {low:g}")
+            if high is not None and v > high:
+                raise CilbenchError(f"{where}: must be at most {high:g}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def config_defaults(cls: type[Method]) -> dict[str, Any]:

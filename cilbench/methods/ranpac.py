@@ -138,6 +138,10 @@ class RanPAC(AdapterTuning):
         ridge_select: str = "mse"  # mse (official code) | accuracy
         first_session: bool = True  # phase 1 adapter tuning on the first task (False: RanPAC without PETL)
 
+        SIGNED = frozenset({"ridge_min_exp", "ridge_max_exp"})  # exponents of the lambda grid may be negative
+        LIMITS = {**AdapterTuningConfig.LIMITS, "val_fraction": (0, 1)}
+        CHOICES = {**AdapterTuningConfig.CHOICES, "ridge_select": ("mse", "accuracy")}
+
     presets = {name: {} for name in ("cifar100", "imagenet-a", "cub", "objectnet", "omnibenchmark", "vtab")}
     presets["imagenet-r"] = dict(IMAGENET_R_TUNING)
     quick = dict(epochs=2, batch_size=32, M=256)

@@ -56,6 +56,11 @@ _TINY_CLIP = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=4
                   text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
 
 
+def is_random(name: str) -> bool:
+    """The tiny / mini backbones are built randomly initialised: no weights file applies to them."""
+    return name in _RANDOM_VIT or name == "clip-tiny"
+
+
 class Backbone(nn.Module):
     def __init__(self, spec: BackboneSpec, model: nn.Module, feature_dim: int, tokenizer: Callable | None = None):
         super().__init__()
@@ -94,12 +99,58 @@ def _offline_hint(spec: BackboneSpec) -> HubUnreachable:
         f" for a random tiny model")
 
 
+def _load_timm_weights(model: nn.Module, path: Path, spec: BackboneSpec) -> None:
+    """Load a local weights file into a timm model, refusing one that does not fit it.
+
+    timm's own file loading skips missing keys silently when the classifier is removed (``num_classes=0``), so a
+    wrong file would leave random weights without a word: here every backbone parameter must come from the file
+    (only classifier ``head.*`` entries may be left over). Tensors are read without unpickling code
+    (``weights_only=True``, or safetensors); ``.npz`` files (big_vision) go through timm's ViT loader."""
+    import sys
+
+    if path.suffix == ".npz":
+        model.load_pretrained(str(path))
+        return
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated, foreign or code-carrying pickles alike
+        raise ValueError(f"not a readable tensor file ({type(err).__name__}; pickled code is never run)") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError("the file does not hold a state dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:  # timm's own key / shape adaptation (e.g. position embeddings)
+        state = filter_fn(state, model)
+    own = model.state_dict()
+    reshaped = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if reshaped:
+        k = reshaped[0]
+        raise ValueError(f"{len(reshaped)} tensors of another shape (e.g. {k}: {tuple(state[k].shape)} in the file, "
+                         f"{tuple(own[k].shape)} in the model)")
+    result = model.load_state_dict(state, strict=False)
+    unexpected = [k for k in result.unexpected_keys if not k.startswith("head")]
+    if result.missing_keys or unexpected:
+        raise ValueError(f"{len(result.missing_keys)} backbone tensors missing (e.g. "
+                         f"{(result.missing_keys or ['-'])[0]}), {len(unexpected)} unexpected (e.g. "
+                         f"{(unexpected or ['-'])[0]})")
+
+
 def build_backbone(name: str, pretrained: bool = True, weights: str | Path | None = None) -> Backbone:
     """Build a backbone by registry name. ``pretrained=False`` gives random weights of the real shape."""
     spec = BACKBONES.get(name)
     if weights is not None and not Path(weights).is_file():
         raise CilbenchError(f"no weights file {weights}")
-    is_tiny = name in _RANDOM_VIT or name == "clip-tiny"
+    is_tiny = is_random(name)
+    if weights is not None and is_tiny:
+        raise CilbenchError(f"--weights cannot be used with {name}: it is a randomly initialised backbone")
     if pretrained and not is_tiny and weights is None:
         ensure_hub_or_offline()  # cached weights still load offline; missing ones fail at once
     root = logging.getLogger()
@@ -110,10 +161,10 @@ def build_backbone(name: str, pretrained: bool = True, weights: str | Path | Non
             import timm
 
             kwargs = dict(_RANDOM_VIT[name]) if is_tiny else {}
-            load = pretrained and not is_tiny
-            overlay = dict(file=str(weights)) if weights else None
-            model = timm.create_model(spec.source, pretrained=load, num_classes=0, pretrained_cfg_overlay=overlay,
-                                      **kwargs)
+            load = pretrained and not is_tiny and weights is None
+            model = timm.create_model(spec.source, pretrained=load, num_classes=0, **kwargs)
+            if weights is not None:
+                _load_timm_weights(model, Path(weights), spec)
             return Backbone(spec, model, model.num_features)
         import open_clip
 
@@ -132,6 +183,10 @@ def build_backbone(name: str, pretrained: bool = True, weights: str | Path | Non
     except CilbenchError:
         raise
     except Exception as err:  # the hub libraries raise many types; sort network failures from real bugs
+        if weights is not None:  # a local file: wrong architecture, keys or format
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            raise CilbenchError(f"weights file {weights} does not fit backbone {name} ({spec.source}): {first}") \
+                from None
         # open_clip re-raises download failures as a plain RuntimeError whose text is all that is left
         if network_reason(err) or "offline" in str(err).lower() or "failed to download" in str(err).lower():
             raise _offline_hint(spec) from None

@@ -1,12 +1,16 @@
 """Regression check: our aggregated results against a reference (another results folder, or the paper store).
 
-Every (method, dataset, scenario, backbone, profile) group of ``results_dir`` is compared on its headline metrics
-(A_avg, A_last for CIL; transfer, average, last for MTIL; forgetting is not checked) by the mean over seeds. A
-metric regresses when ``ours < reference - tolerance`` (percentage points). Groups without a reference are listed as
-``missing-reference`` and do not fail; against a folder, groups the reference has and we lack are listed as
-``missing-run`` and do not fail either. Quick-profile groups are compared with quick-profile groups of a folder
-but never with paper numbers. ``CheckResult.compared`` counts the metrics actually compared: when it is 0 the
-check proved nothing, and the CLI must not report a pass.
+Every (method, dataset, scenario, backbone, profile, config_key) group of ``results_dir`` is compared on its
+headline metrics (A_avg, A_last for CIL; transfer, average, last for MTIL; forgetting is not checked) by the mean over
+seeds, with the group of the same identity in the reference: a run with ``--set`` overrides or a ``--weights`` file
+(a non-empty ``config_key``) is compared only with runs of that configuration, never with the default runs nor with
+paper numbers. A metric regresses when ``ours < reference - tolerance`` (percentage points).
+
+Groups without a reference are listed as ``missing-reference`` and do not fail. Against a folder, a run the
+reference has and we lack (a whole group, or some of its seeds) is ``missing-run``, and a file under either folder
+that is a damaged run record (truncated, wrong types, newer schema; see ``iter_records``) is listed in
+``CheckResult.damaged``: both fail the check unless ``allow_missing`` / ``allow_damaged``. ``CheckResult.compared``
+counts the metrics actually compared: when it is 0 the check proved nothing, and the CLI must not report a pass.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
 from cilbench.errors import CilbenchError
+from cilbench.results.record import Skipped
 from cilbench.results.references import load_references, paper_number
 from cilbench.results.tables import GROUP_KEYS, HEADLINE_METRICS, METRIC_LABELS, aggregate, collect
 
@@ -44,6 +50,28 @@ class CheckResult:
     against: str  # "paper" or the reference folder
     tolerance: float
     rows: list[CheckRow] = field(default_factory=list)
+    damaged: list[Skipped] = field(default_factory=list)  # damaged records under either folder
+    allow_missing: bool = False  # a missing-run row does not fail the check
+    allow_damaged: bool = False  # a damaged record does not fail the check
+
+    @property
+    def failures(self) -> list[str]:
+        """One line per reason the check fails: regressions, and (unless allowed) missing runs, damaged records."""
+        out = []
+        if self.regressed:
+            out.append(f"{self.count('regressed')} metric(s) regressed by more than {self.tolerance:g} pp")
+        missing = sorted({r.group for r in self.rows if r.status == "missing-run"})
+        if missing and not self.allow_missing:
+            out.append(f"{len(missing)} group(s) of the reference lack runs in our results ({missing[0]}"
+                       + (", ..." if len(missing) > 1 else "") + "); --allow-missing accepts that")
+        if self.damaged and not self.allow_damaged:
+            out.append(f"{len(self.damaged)} damaged run record(s) ({self.damaged[0].path}"
+                       + (", ..." if len(self.damaged) > 1 else "") + "); --allow-damaged accepts that")
+        return out
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.failures)
 
     @property
     def compared(self) -> int:
@@ -65,26 +93,48 @@ class CheckResult:
         parts = [f"{self.compared} compared against {self.against} (tolerance {self.tolerance:g} pp)",
                  f"{self.count('regressed')} regressed", f"{self.count('ok')} ok"]
         parts += [f"{self.count(s)} {s}" for s in ("missing-reference", "missing-run") if self.count(s)]
+        if self.damaged:
+            parts.append(f"{len(self.damaged)} damaged record(s) skipped")
         return ", ".join(parts)
 
 
 def group_label(group: dict) -> str:
+    """``method dataset scenario backbone`` plus ``[quick]`` and ``[lambda1=0, lambda2=0]`` where they apply."""
     label = " ".join(str(group[k]) for k in ("method", "dataset", "scenario", "backbone") if group[k])
-    return label + (f" [{group['profile']}]" if group["profile"] != "full" else "")
+    label += f" [{group['profile']}]" if group["profile"] != "full" else ""
+    if group.get("config_key"):
+        label += f" [{group.get('config_label') or 'cfg-' + group['config_key']}]"
+    return label
 
 
 def check(results_dir: str | Path, against: str | Path, tolerance: float,
-          references: pd.DataFrame | None = None) -> CheckResult:
+          references: pd.DataFrame | None = None, on_skip: Callable[[Skipped], None] | None = None,
+          allow_missing: bool = False, allow_damaged: bool = False) -> CheckResult:
     """Compare ``results_dir`` with ``against``: the string ``"paper"`` (the paper store, or ``references`` when
-    given) or a results folder (a ``Path``, or any other string)."""
+    given) or a results folder (a ``Path``, or any other string). Every skipped file of either folder goes to
+    ``on_skip``; the damaged ones are kept in ``CheckResult.damaged``."""
     if not tolerance >= 0:
         raise CilbenchError(f"tolerance must be a non-negative number of percentage points, got {tolerance}")
-    ours = aggregate(collect(results_dir))
+    damaged: list[Skipped] = []
+    seen: set[Path] = set()
+
+    def skip(item: Skipped) -> None:
+        if item.path.resolve() in seen:  # --against the same folder: one warning per file
+            return
+        seen.add(item.path.resolve())
+        if item.damaged:
+            damaged.append(item)
+        if on_skip:
+            on_skip(item)
+
+    ours = aggregate(collect(results_dir, skip))
     if isinstance(against, str) and against == "paper":
         refs = references if references is not None else load_references()
-        return CheckResult("paper", tolerance, _against_paper(ours, refs, tolerance))
-    theirs = aggregate(collect(against))
-    return CheckResult(str(against), tolerance, _against_runs(ours, theirs, tolerance))
+        rows = _against_paper(ours, refs, tolerance)
+    else:
+        rows = _against_runs(ours, aggregate(collect(against, skip)), tolerance)
+    return CheckResult("paper" if isinstance(against, str) and against == "paper" else str(against), tolerance,
+                       rows, damaged, allow_missing, allow_damaged)
 
 
 def _compare(group: str, metric: str, ours: float | None, reference: float | None, tolerance: float,
@@ -111,6 +161,9 @@ def _against_paper(ours: pd.DataFrame, refs: pd.DataFrame, tolerance: float) -> 
             if g["profile"] != "full":
                 row = _compare(group_label(g), metric, _value(g, metric), None, tolerance,
                                "quick profile: never compared with paper numbers")
+            elif g.get("config_key"):
+                row = _compare(group_label(g), metric, _value(g, metric), None, tolerance,
+                               "settings other than the method's own: never compared with paper numbers")
             else:
                 found = paper_number(refs, g["method"], g["dataset"], g["scenario"], metric, g["backbone"])
                 ref, note = (None, "") if found is None else (found.value, found.source)
@@ -136,6 +189,10 @@ def _against_runs(ours: pd.DataFrame, theirs: pd.DataFrame, tolerance: float) ->
             row = _compare(group_label(g), metric, _value(g, metric), ref, tolerance, note)
             if row:
                 rows.append(row)
+        lacking = sorted(set(other["seeds"]) - set(g["seeds"])) if other is not None else []
+        if lacking:  # the means cover different runs: say which runs of the reference we lack
+            rows.append(CheckRow(group_label(g), "seeds", None, None, "missing-run",
+                                 f"seed(s) {', '.join(map(str, lacking))} in the reference, not in our results"))
     for key, other in index.items():
         if key not in seen:
             for metric in HEADLINE_METRICS.get(other["kind"], ()):
@@ -155,7 +212,7 @@ def render_check(result: CheckResult):
                   caption_justify="left")
     for name, justify in (("group", "left"), ("metric", "left"), ("ours", "right"), ("reference", "right"),
                           ("delta", "right"), ("status", "left"), ("note", "left")):
-        table.add_column(name, justify=justify)
+        table.add_column(name, justify=justify, overflow="fold")  # a narrow console wraps, never cuts to "…"
 
     def num(v: float | None, fmt: str = ".2f") -> str:
         return "-" if v is None else format(v, fmt)

@@ -167,9 +167,12 @@ def _from_json(text: str, path: Path):
     if not isinstance(data, dict):
         raise CilbenchError(f"{path}: expected a list of rows or an object with a 'matrix'")
     if "schema_version" in data:
+        version = data["schema_version"]
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise CilbenchError(f"{path}: schema_version {version!r} is not a version number")
         try:
             record = upgrade(data)
-        except ValueError as err:
+        except (ValueError, TypeError, AttributeError) as err:  # an old record too damaged to upgrade
             raise CilbenchError(f"{path}: {err}")
         if record.get("accuracy_matrix") is None:
             raise CilbenchError(f"{path}: the run record has no accuracy_matrix")

@@ -1,14 +1,18 @@
 """Results tables: run records -> one row per run -> mean ± std over seeds -> method x (dataset, scenario) table.
 
-``collect`` reads every complete run record under a folder, ``aggregate`` groups the runs by
-(method, dataset, scenario, backbone, profile) over seeds, ``build_table`` lays the groups out as ``TableData``
-(rows = method, columns = dataset + scenario, one sub-column per headline metric) with the paper's number and the
-difference ours - paper where the reference store has one, and ``render`` prints it as a rich table, markdown, CSV
-or LaTeX (booktabs).
+``collect`` reads every complete run record under a folder, ``aggregate`` groups the runs by (method, dataset,
+scenario, backbone, profile, config_key) over seeds, ``build_table`` lays the groups out as ``TableData`` (rows =
+method, columns = dataset + scenario, one sub-column per headline metric) with the paper's number and the difference
+ours - paper where the reference store has one, and ``render`` prints it as a rich table, markdown, CSV or LaTeX
+(booktabs).
 
 Quick-profile runs (``profile != "full"``) get their own rows, labelled ``method [quick]``, and are never matched to
-paper numbers. Row and column orders default to sorted order; pass ``rows`` / ``columns`` (``RowSpec`` /
-``ColumnSpec``) to fix them, e.g. to rebuild a paper's table with its own order, labels and empty cells.
+paper numbers. So do runs of another configuration than the method's own (``--set`` overrides or a ``--weights`` file:
+a non-empty ``config_key``, see ``cilbench.identity``): labelled ``method [lambda1=0, lambda2=0]``, never averaged with
+the default runs and never matched to the paper's numbers, which were made with the paper's settings.
+
+Row and column orders default to sorted order; pass ``rows`` / ``columns`` (``RowSpec`` / ``ColumnSpec``) to fix
+them, e.g. to rebuild a paper's table with its own order, labels and empty cells.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ import pandas as pd
 
 from cilbench import metrics as metric_fns
 from cilbench.errors import CilbenchError
-from cilbench.results.record import iter_records
+from cilbench.results.record import Skipped, iter_records
 from cilbench.results.references import paper_number
 
-GROUP_KEYS = ("method", "dataset", "scenario", "backbone", "profile")
-RUN_KEYS = (*GROUP_KEYS, "seed", "kind", "finished_at", "path")  # the non-metric columns of ``collect``
+GROUP_KEYS = ("method", "dataset", "scenario", "backbone", "profile", "config_key")
+# config_label: the readable name of config_key ("lambda1=0, lambda2=0"), the same for every run of a group
+RUN_KEYS = (*GROUP_KEYS, "config_label", "seed", "kind", "finished_at", "path")  # the non-metric columns of ``collect``
 RUN_METRICS = {"cil": ("A_avg", "A_last", "forgetting"), "mtil": ("transfer", "average", "last")}
 HEADLINE_METRICS = {"cil": ("A_avg", "A_last"), "mtil": ("transfer", "average", "last")}
 ALL_METRICS = RUN_METRICS["cil"] + RUN_METRICS["mtil"]
@@ -43,20 +48,35 @@ EMPTY = "-"  # a cell without runs
 # --------------------------------------------------------------------------------------------- runs and groups
 
 
-def collect(results_dir: str | Path) -> pd.DataFrame:
-    """One row per complete run record under ``results_dir``: the group keys, seed, kind, the metrics, path."""
+def config_label(record: dict[str, Any]) -> str:
+    """The readable name of a record's configuration: ``""`` for the method's own, else its overrides
+    (``lambda1=0, lambda2=0``) and weights file; ``cfg-KEY`` when the record does not say more."""
+    from cilbench.identity import describe
+
+    key = record.get("config_key") or ""
+    if not key:
+        return ""
+    run = record.get("run") or {}
+    label = describe(record.get("overrides") or {}, run.get("weights_sha256"))
+    if not run.get("weights_sha256") and isinstance(run.get("weights"), str):  # schema 1: a path, no hash
+        label = ", ".join(p for p in (label, f"weights={Path(run['weights']).name}") if p)
+    return label or f"cfg-{key}"
+
+
+def collect(results_dir: str | Path, on_skip: Callable[[Skipped], None] | None = None) -> pd.DataFrame:
+    """One row per complete run record under ``results_dir``: the group keys, seed, kind, the metrics, path.
+    Files that are not readable records are skipped and reported to ``on_skip`` (see ``iter_records``)."""
     rows = []
-    for path, record in iter_records(results_dir):
-        for key in ("method", "dataset", "scenario"):
-            if not record.get(key):
-                raise CilbenchError(f"{path}: run record lacks {key!r}")
+    for path, record in iter_records(results_dir, on_skip):
         kind = record.get("kind") or "cil"
         scores = record.get("metrics") or {}
         if not scores and record.get("accuracy_matrix"):
             try:
                 scores = metric_fns.summary(kind, record["accuracy_matrix"], record.get("test_counts"))
-            except ValueError as err:
-                raise CilbenchError(f"{path}: {err}")
+            except (ValueError, TypeError) as err:
+                if on_skip:
+                    on_skip(Skipped(path, f"its accuracy matrix cannot be scored ({err})"))
+                continue
         scenario = record["scenario"]
         if record.get("class_order_option"):  # a fixed published order is another scenario than the seeded one
             scenario += f"-{record['class_order_option']}"
@@ -64,6 +84,7 @@ def collect(results_dir: str | Path) -> pd.DataFrame:
             "method": record["method"], "dataset": record["dataset"], "scenario": scenario,
             "backbone": record.get("backbone") or "",
             "profile": record.get("profile") or ("full" if record.get("comparable", True) else "quick"),
+            "config_key": record.get("config_key") or "", "config_label": config_label(record),
             "seed": record.get("seed"), "kind": kind, "finished_at": record.get("finished_at") or "",
             "path": str(path),
         }
@@ -87,16 +108,17 @@ def _metric_columns(runs: pd.DataFrame) -> list[str]:
 
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean and std (ddof=1; 0 for a single seed) of every metric per (method, dataset, scenario, backbone,
-    profile) group, with ``kind``, ``n`` (seeds) and ``seeds``. When one seed of a group has several records, the
-    last finished one counts."""
+    profile, config_key) group, with ``kind``, ``config_label``, ``n`` (seeds) and ``seeds``. When one seed of a
+    group has several records, the last finished one counts; records of different configurations are never one
+    group."""
     metric_names = _metric_columns(runs) if not runs.empty else list(ALL_METRICS)
     stats = [f"{m}_{s}" for m in metric_names for s in ("mean", "std")]
-    columns = [*GROUP_KEYS, "kind", "n", "seeds", *stats]
+    columns = [*GROUP_KEYS, "config_label", "kind", "n", "seeds", *stats]
     if runs.empty:
         return pd.DataFrame(columns=columns)
     runs = runs.sort_values(["finished_at", "path"]).drop_duplicates([*GROUP_KEYS, "seed"], keep="last")
     groups = runs.groupby(list(GROUP_KEYS), sort=True, dropna=False)
-    out = groups.agg(kind=("kind", "first"), n=("seed", "size"),
+    out = groups.agg(kind=("kind", "first"), config_label=("config_label", "first"), n=("seed", "size"),
                      seeds=("seed", lambda s: tuple(sorted(int(x) for x in s.dropna()))))
     for name in metric_names:
         out[f"{name}_mean"] = groups[name].mean()
@@ -110,7 +132,8 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class RowSpec:
-    """One requested row. ``backbone`` / ``profile`` None: every one found (one row each, full profile first).
+    """One requested row. ``backbone`` / ``profile`` / ``config_key`` None: every one found (one row each, full
+    profile and the method's own configuration first).
 
     A row without runs is still shown (empty cells, paper numbers where the store has them); it is matched to
     paper rows that name ``backbone``, or to backbone-less ones when ``backbone`` is None."""
@@ -119,6 +142,7 @@ class RowSpec:
     backbone: str | None = None
     profile: str | None = None
     label: str | None = None
+    config_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +193,8 @@ class TableRow:
     backbone: str
     profile: str
     label: str
+    config_key: str = ""  # "" the method's own settings; else another configuration, never matched to papers
+    config_label: str = ""
 
 
 @dataclass
@@ -203,10 +229,10 @@ class TableData:
 
 def build_table(results_dir: str | Path, references: pd.DataFrame | None = None,
                 rows: Sequence[str | RowSpec] | None = None, columns: Sequence[ColumnSpec] | None = None,
-                title: str | None = None) -> TableData:
+                title: str | None = None, on_skip: Callable[[Skipped], None] | None = None) -> TableData:
     """The table of every run under ``results_dir`` (see the module docstring); ``references`` (from
-    ``load_references``) adds paper numbers and deltas."""
-    groups = aggregate(collect(results_dir))
+    ``load_references``) adds paper numbers and deltas; files that are not records go to ``on_skip``."""
+    groups = aggregate(collect(results_dir, on_skip))
     if groups.empty and not rows:
         raise CilbenchError(f"no complete run records under {results_dir}")
     return layout(groups, references, rows, columns, title)
@@ -224,9 +250,12 @@ def layout(groups: pd.DataFrame, references: pd.DataFrame | None = None,
     for r in table_rows:
         line = []
         for c in table_cols:
-            group = index.get((r.method, c.dataset, c.scenario, r.backbone, r.profile))
+            group = index.get((r.method, c.dataset, c.scenario, r.backbone, r.profile, r.config_key))
             line.append({m: _cell(group, r, c, m, references, notes) for m in c.metrics})
         cells.append(line)
+    if any(r.config_key for r in table_rows):
+        notes.insert(0, "[setting=value]: runs with settings other than the method's own (--set, --weights), each "
+                        "configuration its own row, never averaged with others nor compared with paper numbers")
     if any(r.profile != "full" for r in table_rows):
         notes.insert(0, "[quick]: quick-profile smoke runs, never compared with paper numbers")
     return TableData(table_rows, table_cols, cells, references is not None, notes, title)
@@ -243,7 +272,7 @@ def _our_cell(group: dict | None, metric: str) -> Cell:
 def _cell(group: dict | None, row: TableRow, col: TableColumn, metric: str, references: pd.DataFrame | None,
           notes: list[str]) -> Cell:
     cell = _our_cell(group, metric)
-    if references is not None and row.profile == "full":
+    if references is not None and row.profile == "full" and not row.config_key:
         found = paper_number(references, row.method, col.dataset, col.scenario, metric, row.backbone)
         if found:
             cell.paper, cell.paper_source = found.value, found.source
@@ -262,30 +291,41 @@ def _natural(text: str) -> list:
 
 
 def _rows(groups: pd.DataFrame, specs: Sequence[str | RowSpec] | None) -> list[TableRow]:
-    found = sorted({(g["method"], g["backbone"], g["profile"]) for g in groups.to_dict("records")},
-                   key=lambda k: (k[0], k[1], k[2] != "full", k[2]))
+    labels = {g["config_key"]: g["config_label"] for g in groups.to_dict("records")}
+    found = sorted({(g["method"], g["backbone"], g["profile"], g["config_key"]) for g in groups.to_dict("records")},
+                   key=lambda k: (k[0], k[1], k[2] != "full", k[2], k[3] != "", labels.get(k[3], ""), k[3]))
     if specs is None:
-        picked = [(method, backbone, profile, None) for method, backbone, profile in found]
+        picked = [(*k, None) for k in found]
     else:
         picked = []
         for spec in specs:
             spec = RowSpec(spec) if isinstance(spec, str) else spec
             hits = [k for k in found if k[0] == spec.method and spec.backbone in (None, k[1])
-                    and spec.profile in (None, k[2])]
+                    and spec.profile in (None, k[2]) and spec.config_key in (None, k[3])]
             if not hits:
-                hits = [(spec.method, spec.backbone or "", spec.profile or "full")]
+                hits = [(spec.method, spec.backbone or "", spec.profile or "full", spec.config_key or "")]
             picked += [(*k, spec.label) for k in hits]
     backbones: dict[str, set[str]] = {}
-    for method, backbone, _, _ in picked:
+    for method, backbone, *_ in picked:
         backbones.setdefault(method, set()).add(backbone)
     out = []
-    for method, backbone, profile, label in picked:
+    for method, backbone, profile, key, label in picked:
         text = label or method
         if len(backbones[method]) > 1 and backbone:  # name the backbone only where it tells rows apart
             text += f" ({backbone})"
         if profile != "full":
             text += f" [{profile}]"
-        out.append(TableRow(method, backbone, profile, text))
+        config = labels.get(key) or (f"cfg-{key}" if key else "")
+        if config:
+            text += f" [{config}]"
+        out.append(TableRow(method, backbone, profile, text, key, config))
+    # Two configurations may read alike (a schema-1 weights path and its hash): the key tells them apart.
+    seen: dict[str, int] = {}
+    for row in out:
+        seen[row.label] = seen.get(row.label, 0) + 1
+    for row in out:
+        if seen[row.label] > 1 and row.config_key:
+            row.label += f" cfg-{row.config_key}"
     return out
 
 
@@ -395,15 +435,17 @@ def render_latex(table: TableData) -> str:
 
 
 def render_rich(table: TableData):
-    """A ``rich.table.Table``; the paper's number and the delta (green when ours is higher) on a second line."""
+    """A ``rich.table.Table``; the paper's number and the delta (green when ours is higher) on a second line. Too
+    narrow a console folds long words onto the next line instead of cutting them to ``…`` (see ``fold_rich``)."""
     from rich.table import Table
     from rich.text import Text
 
     out = Table(title=Text(table.title) if table.title else None,
                 caption=Text("\n".join(table.notes)) if table.notes else None, caption_justify="left")
-    out.add_column("method", no_wrap=True)
+    out.add_column("method", overflow="fold")
     for j, m, _ in table.headers():
-        out.add_column(Text(f"{table.columns[j].label}\n{table.metric_label(m)}".strip()), justify="right")
+        out.add_column(Text(f"{table.columns[j].label}\n{table.metric_label(m)}".strip()), justify="right",
+                       overflow="fold")
     for i, row in enumerate(table.rows):
         cells: list[Text] = []
         for j, m, _ in table.headers():
@@ -419,6 +461,41 @@ def render_rich(table: TableData):
     return out
 
 
+def split_columns(table: TableData, groups: Sequence[Sequence[int]]) -> list[TableData]:
+    """``table`` as several tables of the given column indices each (rows repeated); the title goes to the first
+    part, the notes to the last."""
+    parts = []
+    for i, idx in enumerate(groups):
+        title = table.title if i == 0 else (f"{table.title} (continued)" if table.title else None)
+        parts.append(TableData(table.rows, [table.columns[j] for j in idx],
+                               [[line[j] for j in idx] for line in table.cells], table.show_reference,
+                               table.notes if i == len(groups) - 1 else [], title, table.metric_in_header))
+    return parts
+
+
+def fold_rich(table: TableData, width: int) -> list:
+    """Rich tables of ``table`` that fit ``width`` columns at their natural width: when the whole table does not
+    fit, its (dataset, scenario) columns are spread over several tables, each repeating the method column. A single
+    column too wide for ``width`` still folds its words (never ``…``)."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    probe = Console(width=100_000, file=io.StringIO(), color_system=None)
+
+    def natural(part: TableData) -> int:
+        return Measurement.get(probe, probe.options, render_rich(part)).maximum
+
+    if not table.columns or natural(table) <= width:
+        return [render_rich(table)]
+    groups: list[list[int]] = []
+    for j in range(len(table.columns)):
+        if groups and natural(split_columns(table, [groups[-1] + [j]])[0]) <= width:
+            groups[-1].append(j)
+        else:
+            groups.append([j])
+    return [render_rich(part) for part in split_columns(table, groups)]
+
+
 # --------------------------------------------------------------------------------------------- paper tables
 
 LOWER_IS_BETTER = ("forgetting",)  # accuracy-like metrics rank high first; these and cost metrics rank low first
@@ -431,24 +508,27 @@ def _higher_is_better(metric: str) -> bool:
 
 
 def suite_table(suite, results_dir: str | Path | None, references: pd.DataFrame | None,
-                profile: str = "full") -> list[TableData]:
+                profile: str = "full", on_skip: Callable[[Skipped], None] | None = None) -> list[TableData]:
     """A paper table rebuilt from a suite (``cilbench.suites``): the suite's rows and columns in the paper's order
     (one ``TableData`` per block of rows when the paper prints blocks, else one), the paper's number of each cell
     from the reference store (matched by paper, table, row label, dataset, scenario, metric) marked best / second
     as the paper marks it (the ``best`` / ``second`` notes of the store; computed when the table has none), and
-    our runs beside them."""
+    our runs beside them. A row holds exactly the runs the sweep makes for it: its method with its ``sets``, that
+    is the runs whose ``config_key`` is ``expected_config_key(method, dataset, quick, sets)``; a row with ``sets``
+    says so in a note."""
     from cilbench.methods import load_method
     from cilbench.methods.base import METHODS
     from cilbench.models.backbones import BACKBONES
 
     have_runs = results_dir is not None and Path(results_dir).is_dir()
-    groups = aggregate(collect(results_dir) if have_runs else pd.DataFrame())
+    groups = aggregate(collect(results_dir, on_skip) if have_runs else pd.DataFrame())
     index = {tuple(g[k] for k in GROUP_KEYS): g for g in groups.to_dict("records")}
     refs = None
     if references is not None and not references.empty and profile == "full":  # smoke runs never meet papers
         refs = references[(references["paper"] == suite.paper) & (references["table"].astype(str) == suite.table)]
     marked = refs is not None and refs["notes"].fillna("").str.match(r"^(best|second)\b").any()
     by_label = {r.label: r for r in suite.rows}
+    keys, key_notes = _suite_config_keys(suite, profile != "full")
     blocks = suite.blocks or [None]
     tables = []
     for block in blocks:
@@ -468,8 +548,8 @@ def suite_table(suite, results_dir: str | Path | None, references: pd.DataFrame 
             kind = "mtil" if c.scenario.startswith("order-") else "cil"
             metrics = (block.metric_for(c),) if block else tuple(c.metrics or suite.metrics or HEADLINE_METRICS[kind])
             cols.append(TableColumn(c.dataset, c.scenario, kind, metrics, c.label))
-        cells = [[{m: _suite_cell(index, r, spec, c, sc, m, refs) for m in c.metrics}
-                  for c, sc in zip(cols, suite.columns)] for r, spec in zip(rows, specs)]
+        cells = [[{m: _suite_cell(index, r, spec, c, sc, m, refs, keys.get((spec.label, sc.dataset)))
+                   for m in c.metrics} for c, sc in zip(cols, suite.columns)] for r, spec in zip(rows, specs)]
         if not marked:
             _rank_paper_numbers(cols, cells)
         notes = []
@@ -477,6 +557,7 @@ def suite_table(suite, results_dir: str | Path | None, references: pd.DataFrame 
             how = "as the paper marks them" if marked else "computed: the paper's marks are not in the store"
             notes.append(f"paper numbers: {suite.paper} Table {suite.table} (benchmarks/references/{suite.paper}.csv);"
                          f" bold / underlined: best / second in each column, {how}")
+        notes += key_notes
         if suite.notes:
             notes.append(suite.notes)
         if profile != "full":
@@ -487,10 +568,42 @@ def suite_table(suite, results_dir: str | Path | None, references: pd.DataFrame 
     return tables
 
 
+def _suite_config_keys(suite, quick: bool) -> tuple[dict[tuple[str, str], str | None], list[str]]:
+    """The ``config_key`` of each (row label, dataset) a suite row's runs carry, and the notes saying which runs a
+    row with ``sets`` holds. A row whose ``sets`` do not resolve (an unknown setting) gets None: no runs."""
+    from cilbench.identity import describe, expected_config_key
+
+    keys: dict[tuple[str, str], str | None] = {}
+    notes: list[str] = []
+    for row in suite.rows:
+        if not row.method:
+            continue
+        sets = {k: _set_text(v) for k, v in row.sets.items()}
+        problem = ""
+        for dataset in dict.fromkeys(c.dataset for c in suite.columns):
+            try:
+                keys[(row.label, dataset)] = expected_config_key(row.method, dataset, quick, sets)
+            except CilbenchError as err:
+                keys[(row.label, dataset)], problem = None, str(err)
+        if problem:
+            notes.append(f"{row.label}: no runs shown, its settings do not resolve ({problem})")
+        elif row.sets:
+            notes.append(f"{row.label}: our runs of {row.method} with {describe(row.sets)}")
+    return keys, notes
+
+
+def _set_text(value: Any) -> str:
+    """A suite's ``sets`` value as ``--set`` text (as the sweep passes it: lists comma-separated)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
 def _suite_cell(index: dict, row: TableRow, spec, col: TableColumn, suite_col, metric: str,
-                refs: pd.DataFrame | None) -> Cell:
+                refs: pd.DataFrame | None, config_key: str | None = "") -> Cell:
     ours = col.scenario + (f"-{suite_col.class_order}" if suite_col.class_order else "")
-    group = index.get((row.method, col.dataset, ours, row.backbone, row.profile)) if row.method else None
+    group = index.get((row.method, col.dataset, ours, row.backbone, row.profile, config_key)) \
+        if row.method and config_key is not None else None
     cell = _our_cell(group, metric)
     if refs is not None:
         hit = refs[(refs["paper_label"] == spec.label) & (refs["dataset"] == col.dataset)
