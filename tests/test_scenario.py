@@ -102,6 +102,29 @@ def test_split_command_errors_are_one_line(cli):
     assert r.code != 0 and "malformed scenario" in r.err and len(r.err.strip().splitlines()) == 1
 
 
+def test_vtab_keeps_the_official_order_one_domain_per_task(cli):
+    """Every official VTAB config (RevisitingCIL exps/*/vtab_10_10_*.json, EASE exps/ease_vtab*.json) sets
+    "shuffle": false: classes keep the order 0..49, so task t is domain t (resisc45, dtd, pets, eurosat, flowers)."""
+    from cilbench.data.catalog import get_spec
+
+    spec = get_spec("vtab")
+    width = spec.parts[0].first_classes
+    domain_of = [d for d, part in enumerate(spec.parts) for _ in range(part.first_classes)]
+    r = cli("datasets", "split", "vtab", "--json")
+    assert r.code == 0, r.err
+    out = json.loads(r.out)
+    assert out["class_order"] == list(range(50)) and out["class_order_name"] == "identity"
+    assert out["increments"] == [width] * 5
+    assert [sorted({domain_of[c] for c in task}) for task in out["tasks"]] == [[0], [1], [2], [3], [4]]
+    # still overridable: the seeded permutation mixes the domains
+    r = cli("datasets", "split", "vtab", "--class-order", "seed", "--json")
+    mixed = json.loads(r.out)
+    assert mixed["class_order"][:5] == [43, 41, 23, 14, 13]
+    assert any(len({domain_of[c] for c in task}) > 1 for task in mixed["tasks"])
+    # other datasets keep the seeded permutation by default
+    assert build_scenario("cub", "B0Inc10").class_order == seeded_order(200, 1993)
+
+
 def test_tinyimagenet_zscl_order_is_mapped_to_the_store_label_space():
     """continuum numbers TinyImageNet classes in wnids.txt order; the hub copy sorts the WordNet ids."""
     from cilbench.data.scenario import fixed_orders

@@ -205,9 +205,13 @@ def _split_recipe(rule: SplitRule, source_split: str, counts: dict[str, int]) ->
             "source_split": source_split, "function": "cilbench.data.prepare.stratified_split", "counts": counts}
 
 
-def _common_extra(spec: DatasetSpec, t0: float) -> dict[str, Any]:
-    return {"description": spec.description, "notes": spec.notes, "paper_counts": spec.paper_counts,
-            "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prepare_seconds": round(time.time() - t0, 2)}
+def _common_extra(spec: DatasetSpec, t0: float, src: Source | None = None) -> dict[str, Any]:
+    extra = {"description": spec.description, "notes": spec.notes, "paper_counts": spec.paper_counts,
+             "prepared_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prepare_seconds": round(time.time() - t0, 2)}
+    if spec.published_split is not None and not (src and src.info.get("kind") == "imagefolder"):
+        # an ImageFolder is the user's own split (often the papers' archive): the catalog's words are about ours
+        extra.update(published_split=spec.published_split, split_vs_papers=spec.split_vs_papers)
+    return extra
 
 
 def _class_counts(labels: np.ndarray, num_classes: int) -> list[int]:
@@ -386,7 +390,7 @@ def _build(spec: DatasetSpec, root: Path, src: Source, progress: bool) -> Store:
             extra["split_recipe"] = recipe
         if src.domain_names:
             extra["domain_names"] = src.domain_names
-        return writer.finish(src.class_names, src.info, **extra, **_common_extra(spec, t0))
+        return writer.finish(src.class_names, src.info, **extra, **_common_extra(spec, t0, src))
     except BaseException:
         writer.abort()
         raise

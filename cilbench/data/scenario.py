@@ -2,7 +2,9 @@
 
 Class-incremental ("B{b}Inc{i}", the PILOT convention): classes are permuted by ``np.random.seed(seed);
 np.random.permutation(N)`` (or a fixed published order), labels are remapped to their position in that order, the
-first task has ``b`` classes (``i`` when ``b == 0``), then ``i`` per task, the last task takes the remainder.
+first task has ``b`` classes (``i`` when ``b == 0``), then ``i`` per task, the last task takes the remainder. A
+dataset whose official configs do not shuffle says so in the catalog (``default_class_order``): VTAB keeps the order
+0..49, so task t is domain t; ``--class-order seed`` still asks for the seeded permutation.
 
 Multi-domain task-incremental (MTIL): each task is one dataset of a sequence with its own label space; the scenario
 concatenates the label spaces so every class has one global id, and evaluation scores each dataset among its own
@@ -22,7 +24,7 @@ import yaml
 from cilbench.data.catalog import DatasetSpec, SequenceSpec, get_spec
 from cilbench.errors import CilbenchError
 
-_SCENARIO = re.compile(r"^B(\d+)Inc(\d+)$")
+_SCENARIO = re.compile(r"B([0-9]+)Inc([0-9]+)")  # ASCII digits only, matched whole (no trailing newline)
 
 
 @lru_cache(maxsize=1)
@@ -32,7 +34,7 @@ def fixed_orders() -> dict[str, dict]:
 
 
 def parse_scenario(scenario: str) -> tuple[int, int]:
-    m = _SCENARIO.match(scenario.strip())
+    m = _SCENARIO.fullmatch(scenario)
     if not m:
         raise CilbenchError(f"malformed scenario {scenario!r}: expected B<base>Inc<step>, e.g. B0Inc10 or B50Inc10")
     base, inc = int(m.group(1)), int(m.group(2))
@@ -67,8 +69,18 @@ def seeded_order(num_classes: int, seed: int) -> list[int]:
         np.random.set_state(state)
 
 
+def default_class_order(dataset: str) -> str | None:
+    """The order a dataset uses when none is asked for: the catalog's ``default_class_order`` (VTAB: "identity",
+    as every official VTAB config sets shuffle false), else None (the seeded permutation)."""
+    spec = get_spec(dataset)
+    return spec.default_class_order if isinstance(spec, DatasetSpec) else None
+
+
 def class_order(dataset: str, num_classes: int, seed: int, name: str | None = None) -> tuple[list[int], str]:
-    """The class order and its description: a fixed published order by name, else the seeded permutation."""
+    """The class order and its description: a fixed published order by name, else the dataset's default order
+    (``default_class_order``), else the seeded permutation."""
+    if name in (None, ""):
+        name = default_class_order(dataset)
     if name in (None, "", "seed"):
         return seeded_order(num_classes, seed), f"np.random.seed({seed}) permutation"
     if name == "identity":
@@ -196,9 +208,14 @@ def member_num_classes(seq: SequenceSpec, member: str) -> int:
 def build_scenario(dataset: str, scenario: str | None = None, seed: int = 1993, order_name: str | None = None,
                    mtil_order: str | None = None) -> Scenario:
     """The scenario from the catalog alone (no images needed)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise CilbenchError(f"--seed must be an integer from 0 to {2**32 - 1}, not {seed!r}")
     spec = get_spec(dataset)
     if isinstance(spec, SequenceSpec):
         if scenario and not scenario.startswith("order-"):
             raise CilbenchError(f"{dataset} is a dataset sequence: use --order I|II, not --scenario {scenario}")
         return sequence_scenario(dataset, mtil_order or (scenario or "").removeprefix("order-") or None, seed)
+    if mtil_order:
+        raise CilbenchError(f"--order {mtil_order} is for dataset sequences (mtil); {dataset} is class-incremental: "
+                            f"use --scenario B<base>Inc<step>")
     return cil_scenario(dataset, scenario or spec.default_scenario, seed, order_name)

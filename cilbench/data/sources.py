@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -88,20 +91,58 @@ def resolve_revision(repo: str, revision: str | None, name: str) -> str | None:
 
 # ---------------------------------------------------------------- hub and local copies of hub repositories
 
+def hub_split_names(hub: HubSource) -> list[str]:
+    """The hub splits a source reads, in catalog order (``"train+test"`` names two)."""
+    out: list[str] = []
+    for _, theirs in hub.splits:
+        out += [n for n in theirs.split("+") if n not in out]
+    return out
+
+
+_SCRIPT_REFUSAL = re.compile(r"(Dataset scripts are no longer supported|trust_remote_code|loading script)", re.I)
+
+
+def _script_refusal(err: BaseException, where: str, hub: HubSource, revision: str | None, local: bool) -> str | None:
+    """One line for ``datasets`` refusing a repo that still holds a loading script (remote code), else None."""
+    text = " ".join(str(err).split())
+    if not _SCRIPT_REFUSAL.search(text):
+        return None
+    import datasets
+
+    script = m.group(1) if (m := re.search(r"found (\S+\.py)", text)) else "a .py loading script"
+    refusal = f"holds a dataset loading script ({script}) that datasets {datasets.__version__} refuses to run"
+    if local:
+        return (f"{where} {refusal}: copy a revision of {hub.repo} without it (its parquet conversion), or pass an "
+                f"ImageFolder <dir>/{{train,test}}/<class>/")
+    rev = f"@{revision[:12]}" if revision else ""
+    return (f"the hub repository {hub.repo}{rev} {refusal}: pin a revision of it without the script (a merged parquet "
+            f"conversion) in the catalog, or pass a local copy or ImageFolder with --source")
+
+
 def load_hub_splits(where: str, hub: HubSource, name: str, revision: str | None, cache_dir: Path | None,
                     progress: bool) -> Any:
     """``datasets.load_dataset`` of a hub repo (``where`` = repo id) or of a local copy (``where`` = a folder):
-    the same call for both. Returns the DatasetDict of all splits."""
+    the same calls for both. Returns the DatasetDict of the splits the catalog reads (``hub.splits``): the repo's
+    data files are resolved first and only those of these splits are downloaded and prepared."""
     import datasets
 
     was_enabled = datasets.is_progress_bar_enabled()
     if not progress:
         datasets.disable_progress_bars()
+    local = Path(where).is_dir()
     try:
-        return datasets.load_dataset(where, name=hub.config, revision=revision,
-                                     cache_dir=str(cache_dir) if cache_dir else None)
+        kwargs: dict[str, Any] = dict(name=hub.config, revision=revision,
+                                      cache_dir=str(cache_dir) if cache_dir else None)
+        builder = datasets.load_dataset_builder(where, **kwargs)
+        files = getattr(builder.config, "data_files", None) or {}
+        wanted = hub_split_names(hub)
+        data_files = None
+        if set(wanted) <= set(files) and set(files) - set(wanted):  # the repo has splits we never read
+            data_files = {s: list(files[s]) for s in wanted}
+        return datasets.load_dataset(where, data_files=data_files, **kwargs)
     except Exception as err:  # noqa: BLE001 - classified below
-        local = Path(where).is_dir()
+        if line := _script_refusal(err, where, hub, revision, local):
+            raise CilbenchError(line) from None
         if not local and (reason := network_reason(err)):
             raise _unreachable(hub.repo, name, reason) from None
         if local and isinstance(err, (FileNotFoundError, ValueError, datasets.exceptions.DatasetsError)):
@@ -183,7 +224,8 @@ def hub_source(spec: DatasetSpec, where: str | None, hub_cache: Path | None, loc
         resolved = revision or (local_revision(Path(where)) if where else _datasets_revision(first))
         infos.append({"repo": hub.repo, "config": hub.config, "revision": hub.revision, "resolved_revision": resolved,
                       "image_column": image_col, "label_column": label_col, "class_names_from": names_from,
-                      "first_classes": hub.first_classes, "splits": dict(hub.splits)})
+                      "first_classes": hub.first_classes, "splits": dict(hub.splits),
+                      "hub_splits_read": [s for s in dd]})
     if where is None:
         info: dict[str, Any] = {"kind": "hub"}
     else:
@@ -228,23 +270,55 @@ def _datasets_revision(ds: Any) -> str | None:
     return None
 
 
+@lru_cache(maxsize=None)
+def names_map(file: str) -> dict[str, str]:
+    """A ``resources/<file>`` map from a source's class names to readable ones: ``<name>\\t<readable>`` per line,
+    ``#`` comments."""
+    text = resources.files("cilbench.data").joinpath("resources", file).read_text()
+    pairs = [line.split("\t", 1) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def map_names(names: list[str], file: str, where: str, what: str) -> list[str]:
+    """``names`` through ``names_map(file)``; a name the map lacks ends in one line (``what``: what ``where`` should
+    be, for the message)."""
+    table = names_map(file)
+    if missing := [n for n in names if n not in table]:
+        raise CilbenchError(f"{where} has classes that resources/{file} does not know (e.g. "
+                            f"{', '.join(map(repr, missing[:3]))}; {len(missing)} of {len(names)}); is it {what}?")
+    return [table[n] for n in names]
+
+
+def _norm_name(name: str) -> str:
+    return " ".join(re.sub(r"[_\s]+", " ", str(name)).lower().split())
+
+
+def _used_splits(dd: Any, hub: HubSource) -> list[Any]:
+    return [part for _, theirs in hub.splits if (part := _split(dd, theirs)) is not None]
+
+
 def _label_space(dd: Any, hub: HubSource, spec: DatasetSpec, label_col: str, where: str, is_part: bool
                  ) -> tuple[list[str], Callable[[Any], np.ndarray], str]:
     """Class names and a function mapping a split's label column to ids 0..K-1 (-1 = dropped by ``first_classes``
-    or ``drop_classes``)."""
+    or ``drop_classes``).
+
+    What the catalog cannot know before the data is read is checked against it here, each in one line: the number of
+    classes, the base of integer labels (``label_base``: 0..K-1 or 1..K), that each integer label has exactly one
+    name in the names column (and each name one label), that names mapped by ``names_map`` are known, that the names
+    agree with the catalog's ``class_names`` where it holds them, and that integer labels get real names (never "0",
+    "1", ... in a prompt) unless the catalog's own names are those numbers."""
     import datasets
 
     feature = dd[next(iter(dd))].features[label_col]
     expected = hub.first_classes if is_part and hub.first_classes else spec.num_classes
+    catalog_names = list(spec.class_names) if spec.class_names and not is_part else None
     if isinstance(feature, datasets.ClassLabel):
         names, names_from = list(feature.names), f"ClassLabel of {label_col!r}"
         ids = lambda ds: _arrow_column(ds, label_col).to_numpy(zero_copy_only=False).astype(np.int64)  # noqa: E731
     elif isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
         # string labels (e.g. WordNet ids): ids index the sorted distinct strings of all used splits
         values: dict[str, str | None] = {}
-        for _, theirs in hub.splits:
-            if (part := _split(dd, theirs)) is None:
-                continue
+        for part in _used_splits(dd, hub):
             labs = _arrow_column(part, label_col).to_pylist()
             nams = _arrow_column(part, hub.label_names_column).to_pylist() if hub.label_names_column \
                 else [None] * len(labs)
@@ -257,20 +331,21 @@ def _label_space(dd: Any, hub: HubSource, spec: DatasetSpec, label_col: str, whe
         keys = sorted(values)  # type: ignore[type-var]
         if hub.label_names_column:
             names, names_from = [str(values[k]) for k in keys], f"column {hub.label_names_column!r}"
-        elif spec.class_names and len(spec.class_names) == len(keys):
-            names, names_from = list(spec.class_names), "catalog"
+        elif catalog_names and len(catalog_names) == len(keys):
+            names, names_from = list(catalog_names), "catalog"
         else:
             names, names_from = keys, f"values of {label_col!r}"
         index = {k: i for i, k in enumerate(keys)}
         ids = lambda ds: np.array([index[v] for v in _arrow_column(ds, label_col).to_pylist()],  # noqa: E731
                                   dtype=np.int64)
-    else:  # plain integer labels: names from the catalog
-        ids = lambda ds: _arrow_column(ds, label_col).to_numpy(zero_copy_only=False).astype(np.int64)  # noqa: E731
-        n = int(max(int(ids(p).max(initial=-1)) for _, t in hub.splits if (p := _split(dd, t)) is not None)) + 1
-        if spec.class_names and not is_part:
-            names, names_from = list(spec.class_names), "catalog"
-        else:
-            names, names_from = [str(i) for i in range(n)], f"values of {label_col!r}"
+    elif isinstance(feature, datasets.Value) and ("int" in feature.dtype):
+        names, names_from, ids = _integer_labels(dd, hub, spec, label_col, where, is_part, catalog_names)
+    else:
+        raise CilbenchError(f"{where}: the label column {label_col!r} holds {feature}, not class labels; is it a copy "
+                            f"of {hub.repo}?")
+    if hub.names_map:
+        names = map_names(names, hub.names_map, where, f"a copy of {hub.repo}")
+        names_from += f", mapped to readable names by resources/{hub.names_map}"
     remapped = bool(hub.first_classes or hub.drop_classes)
     if remapped:  # keep a subset of the classes, renumbered 0..K-1 in source order; the rest become -1
         kept = [i for i, n in enumerate(names) if n not in hub.drop_classes][: hub.first_classes or None]
@@ -281,6 +356,11 @@ def _label_space(dd: Any, hub: HubSource, spec: DatasetSpec, label_col: str, whe
     if len(names) != expected:
         raise CilbenchError(f"{where} has {len(names)} classes in {label_col!r}, the catalog's {spec.name} has "
                             f"{expected}; is it a copy of {hub.repo}?")
+    if catalog_names and names_from != "catalog" and \
+            sorted(map(_norm_name, names)) != sorted(map(_norm_name, catalog_names)):
+        raise CilbenchError(f"the class names of {where} ({', '.join(map(repr, names[:3]))}, ...) are not the "
+                            f"catalog's {spec.name} classes ({', '.join(map(repr, catalog_names[:3]))}, ...); is it "
+                            f"a copy of {hub.repo}?")
     n_names = len(names)
 
     def checked(ds: Any) -> np.ndarray:
@@ -294,6 +374,48 @@ def _label_space(dd: Any, hub: HubSource, spec: DatasetSpec, label_col: str, whe
     return names, checked, names_from
 
 
+def _integer_labels(dd: Any, hub: HubSource, spec: DatasetSpec, label_col: str, where: str, is_part: bool,
+                    catalog_names: list[str] | None) -> tuple[list[str], str, Callable[[Any], np.ndarray]]:
+    """Plain integer labels (no ClassLabel): ids = label - ``label_base``; names from the names column, else from
+    the catalog. The base and the names are checked, since nothing in the features declares them."""
+    base = hub.label_base
+    raw = lambda ds: _arrow_column(ds, label_col).to_numpy(zero_copy_only=False).astype(np.int64)  # noqa: E731
+    parts = _used_splits(dd, hub)
+    seen = np.unique(np.concatenate([raw(p) for p in parts])) if parts else np.zeros(0, np.int64)
+    if not seen.size:
+        raise CilbenchError(f"{where} has no labelled rows in {label_col!r}")
+    lo, hi = int(seen[0]), int(seen[-1])
+    k = None if is_part else spec.num_classes + len(hub.drop_classes)  # how many labels the source should have
+    if lo < base or (k is not None and hi > base + k - 1):
+        looks = f"; they look {lo}-based" if k is not None and hi - lo + 1 == k else ""
+        raise CilbenchError(f"{where}: the integer labels in {label_col!r} run {lo}..{hi}, but the catalog's "
+                            f"{spec.name} says they run {base}..{base + (k or 0) - 1} (label base {base}"
+                            f"{f', {k} classes' if k else ''}){looks}; is it a copy of {hub.repo}?")
+    n = k if k is not None else hi - base + 1
+    ids = lambda ds: raw(ds) - base  # noqa: E731
+    if hub.label_names_column:
+        col = hub.label_names_column
+        by_label: dict[int, str] = {}
+        by_name: dict[str, int] = {}
+        for part in parts:
+            for lab, nam in zip(raw(part).tolist(), _arrow_column(part, col).to_pylist()):
+                if nam is None or by_label.setdefault(lab, nam) != nam:
+                    raise CilbenchError(f"{where}: label {lab} has {'no name' if nam is None else 'two names'} "
+                                        f"({by_label.get(lab)!r}, {nam!r}) in column {col!r}")
+                if by_name.setdefault(nam, lab) != lab:
+                    raise CilbenchError(f"{where}: labels {by_name[nam]} and {lab} are both named {nam!r} in "
+                                        f"column {col!r}")
+        if missing := [base + i for i in range(n) if base + i not in by_label]:
+            raise CilbenchError(f"{where}: no row has label {missing[0]} ({len(missing)} of {n} labels unseen), so "
+                                f"its name in {col!r} is unknown; is it a complete copy of {hub.repo}?")
+        return [str(by_label[base + i]) for i in range(n)], f"column {col!r}", ids
+    if catalog_names and len(catalog_names) == n:
+        return list(catalog_names), "catalog", ids
+    raise CilbenchError(f"{where}: the labels in {label_col!r} are bare integers and the catalog's {spec.name} "
+                        f"names no class-name column (label_names_column) nor class names, so a CLIP prompt would "
+                        f"read 'a photo of a 0'; name the column that holds the class names")
+
+
 # ---------------------------------------------------------------- ImageFolder trees
 
 def is_imagefolder(path: Path) -> bool:
@@ -301,17 +423,49 @@ def is_imagefolder(path: Path) -> bool:
     return all((path / s).is_dir() and any(p.is_dir() for p in (path / s).iterdir()) for s in ("train", "test"))
 
 
+def _walk(root: Path) -> Iterator[tuple[Path, list[str]]]:
+    """``(folder, sorted file names)`` for ``root`` and every folder under it, sorted, symbolic links followed,
+    hidden entries skipped. A link that leads back to a folder above it (a symlink loop) ends in one line instead of
+    an endless walk or a traceback."""
+
+    def visit(folder: Path, chain: dict[tuple[int, int], Path]) -> Iterator[tuple[Path, list[str]]]:
+        try:
+            st = folder.stat()
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            raise CilbenchError(f"cannot read {folder} ({err.strerror or err}): a symlink loop or a broken link? "
+                                f"fix or remove it") from None
+        key = (st.st_dev, st.st_ino)
+        if key in chain:
+            raise CilbenchError(f"symlink loop under {root}: {folder} leads back to {chain[key]}; remove or repoint "
+                                f"that link") from None
+        chain = {**chain, key: folder}
+        files, dirs = [], []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows links
+            except OSError as err:  # a link to itself (ELOOP) and the like
+                raise CilbenchError(f"cannot read {folder / entry.name} ({err.strerror or err}): a symlink loop or "
+                                    f"a broken link? fix or remove it") from None
+            (dirs if is_dir else files).append(entry.name)
+        yield folder, files
+        for d in dirs:
+            yield from visit(folder / d, chain)
+
+    yield from visit(root, {})
+
+
 def _images_under(folder: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [Path(dirpath) / f for f in sorted(filenames)
-                if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
-    return out
+    return [f / name for f, files in _walk(folder) for name in files
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES]
 
 
 def imagefolder_source(spec: DatasetSpec, root: Path) -> Source:
-    """Rows of ``<root>/{train,test}/<class>/*``: class names are the sorted folder names of ``train/``."""
+    """Rows of ``<root>/{train,test}/<class>/*``: class names are the sorted folder names of ``train/`` (through the
+    catalog's ``names_map`` when every folder name is in it: the RevisitingCIL ImageNet-A archive names its folders by
+    WordNet id)."""
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
     test_classes = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) != spec.num_classes:
@@ -331,19 +485,26 @@ def imagefolder_source(spec: DatasetSpec, root: Path) -> Source:
         if not paths:
             raise CilbenchError(f"{root / split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         rows.append(Rows(f"{split}/", split, np.array(labels, np.int64), lambda a, b, p=paths: p[a:b]))
+    names, names_from = classes, "folder names of train/"
+    mapping = spec.hub.names_map if spec.hub else None
+    if mapping and all(c in names_map(mapping) for c in classes):
+        names, names_from = map_names(classes, mapping, str(root), f"the {spec.name} archive"), \
+            f"folder names of train/, mapped to readable names by resources/{mapping}"
     info = {"kind": "imagefolder", "path": str(root.resolve()), "fingerprint": folder_fingerprint(root),
-            "class_names_from": "folder names of train/"}
-    return Source(rows, classes, info)
+            "class_names_from": names_from}
+    return Source(rows, names, info)
 
 
 def folder_fingerprint(root: Path) -> str:
     """sha256 over the sorted relative paths and sizes of every file under ``root`` (hidden entries skipped)."""
     h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-            if f.startswith("."):
-                continue
-            p = Path(dirpath) / f
-            h.update(f"{p.relative_to(root).as_posix()}\t{p.stat().st_size}\n".encode())
+    for folder, files in _walk(root):
+        for f in files:
+            p = folder / f
+            try:
+                size = p.stat().st_size
+            except OSError as err:
+                raise CilbenchError(f"cannot read {p} ({err.strerror or err}): a broken link? fix or remove it") \
+                    from None
+            h.update(f"{p.relative_to(root).as_posix()}\t{size}\n".encode())
     return "sha256:" + h.hexdigest()
