@@ -195,7 +195,9 @@ def datasets_info(name: str, cache_dir: Optional[Path] = typer.Option(None, "--c
     info = dataclasses.asdict(spec)
     if isinstance(spec, DatasetSpec):
         info["source"] = spec.source_line()
-        info["split"] = spec.split_rule.describe() if spec.split_rule else "the source's official train/test split"
+        info["split"] = spec.split_rule.describe() if spec.split_rule else "the source's train/test split"
+        if spec.published_split is False:  # say it where the split is named, not only in a note below
+            info["split"] += " (not the papers' split: see split_vs_papers)"
         root = resolve_cache(cache_dir) / name
         found = Store.inspect(root)
         info["prepared"] = found.store is not None
@@ -265,8 +267,9 @@ def datasets_split(
     name: str,
     scenario: Optional[str] = typer.Option(None, "--scenario", help="B<base>Inc<step>, e.g. B0Inc10."),
     seed: int = typer.Option(1993, "--seed", help="Seed of the class permutation (PILOT: 1993)."),
-    class_order: Optional[str] = typer.Option(None, "--class-order", help="A fixed published order instead: "
-                                              "cifar100-icarl, tinyimagenet-zscl."),
+    class_order: Optional[str] = typer.Option(None, "--class-order", help="Fixed class order: a published one "
+                                              "(cifar100-icarl, tinyimagenet-zscl), identity, or seed (the seeded "
+                                              "permutation, for datasets whose default is fixed, e.g. vtab)."),
     order: Optional[str] = typer.Option(None, "--order", help="MTIL order I or II."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -298,7 +301,9 @@ def run(
     scenario: Optional[str] = typer.Option(None, "--scenario", "-s",
                                            help="B<base>Inc<step> (default: the dataset's usual split)."),
     order: Optional[str] = typer.Option(None, "--order", help="MTIL order I or II."),
-    class_order: Optional[str] = typer.Option(None, "--class-order", help="Fixed published class order."),
+    class_order: Optional[str] = typer.Option(None, "--class-order", help="Fixed class order: a published one "
+                                              "(cifar100-icarl, tinyimagenet-zscl), identity, or seed (the seeded "
+                                              "permutation, for datasets whose default is fixed, e.g. vtab)."),
     seed: int = typer.Option(1993, "--seed"),
     backbone: Optional[str] = typer.Option(None, "--backbone", help="Backbone (default: the method's)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="Local weights file for the backbone."),

@@ -316,3 +316,14 @@ def test_a_closed_pipe_does_not_kill_the_run(tmp_path):
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr and len(list(out.glob("*.json"))) == 1
+
+
+def test_a_store_copied_into_another_datasets_folder_is_refused(tmp_path):
+    import shutil
+
+    from cilbench.data.prepare import open_store
+
+    open_store("digits", tmp_path)
+    shutil.copytree(tmp_path / "digits", tmp_path / "synthetic")
+    with pytest.raises(CilbenchError, match="holds digits with 10 classes.*synthetic has 20"):
+        open_store("synthetic", tmp_path)

@@ -108,6 +108,9 @@ def open_store(name: str, cache_dir: Path, prepare_offline: bool = True) -> Stor
     root = store_path(name, cache_dir)
     if Store.exists(root):
         store = Store.open(root)
+        if store.name != spec.name or store.num_classes != spec.num_classes:  # copied into the wrong folder
+            raise CilbenchError(f"store {root} holds {store.name} with {store.num_classes} classes, but the catalog's "
+                                f"{spec.name} has {spec.num_classes}; run `cilbench datasets prepare {name} --force`")
         if not spec.builder or _up_to_date(store, spec, None) or not prepare_offline:
             return store
     if spec.builder and prepare_offline:

@@ -269,12 +269,13 @@ class Runner:
             old = json.loads(path.read_text())
             same = isinstance(old, dict) and old.get("config_key", "") == self.config_key and \
                 json.loads(json.dumps(old.get("config"), default=str)) == \
-                json.loads(json.dumps(dataclasses.asdict(self.cfg), default=str))
+                json.loads(json.dumps(dataclasses.asdict(self.cfg), default=str)) and \
+                old.get("class_order") == list(self.scenario.class_order)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             same = False
         if not same:
-            raise CilbenchError(f"{path} exists and was made with another configuration (or is not a readable "
-                                f"record); keep both with --tag TEXT or --out DIR, or move it away")
+            raise CilbenchError(f"{path} exists and was made with another configuration or class order (or is not "
+                                f"a readable record); keep both with --tag TEXT or --out DIR, or move it away")
 
     def existing_record_is_ours(self) -> bool:
         """True when the record at ``record_path`` exists and was made with this run's configuration."""
