@@ -1,9 +1,13 @@
-"""Batched device transforms: crops inside the image with the protocol's area range, exact eval crops, flips."""
+"""Batched device transforms: crops inside the image with the protocol's area range, exact eval crops, flips.
+(Pixel-level agreement with the PIL reference pipelines is in test_augment_pil.py.)"""
 
 import numpy as np
+import pytest
 import torch
+import torchvision.transforms as T
 
-from cilbench.data.augment import PRESETS, ImageTransform, sample_crops
+from cilbench.data.augment import PRESETS, ImageTransform, resample_weights, resized_crops, sample_crops
+from cilbench.errors import CilbenchError
 
 
 def test_crop_boxes_fit_and_follow_scale_and_ratio():
@@ -56,3 +60,83 @@ def test_grayscale_and_upsampling():
     assert out.shape == (3, 3, 32, 32) and torch.equal(out[:, 0], out[:, 1])
     assert 0 <= float(out.min()) and float(out.max()) <= 1
     assert np.isfinite(out.numpy()).all()
+
+
+def test_pixel_boxes_are_whole_pixels_inside_the_square():
+    t = PRESETS["pilot"]
+    top, left, height, width, flipped = t.crop_boxes(2048, 256, torch.Generator().manual_seed(0))
+    assert top.dtype == torch.long and flipped.dtype == torch.bool
+    assert (top >= 0).all() and (left >= 0).all() and (height >= 1).all() and (width >= 1).all()
+    assert (top + height <= 256).all() and (left + width <= 256).all()
+    # sides are whole pixels, rounded as torchvision rounds them (at most half a pixel each below the drawn area)
+    area = (height * width).double() / 256 ** 2
+    assert float(area.min()) >= 0.05 - 1 / 256 and float(area.max()) <= 1
+    w, h, x0, y0 = sample_crops(512, (0.05, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(1), size=32)
+    for v in (w, h, x0, y0):
+        assert torch.equal(v * 32, torch.round(v * 32))
+
+
+def _torchvision_boxes(n: int, size: int, scale, ratio) -> np.ndarray:
+    img = torch.zeros(1, size, size)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return np.array([T.RandomResizedCrop.get_params(img, list(scale), list(ratio)) for _ in range(n)])
+
+
+@pytest.mark.parametrize("scale,ratio", [((0.05, 1.0), (3 / 4, 4 / 3)), ((0.9, 1.0), (0.2, 5.0))])
+def test_pixel_boxes_follow_torchvisions_distribution(scale, ratio):
+    # the same sampler as torchvision's RandomResizedCrop.get_params on the stored square (the second case falls
+    # back to the whole square about half the time); compared through means over 3000 draws each
+    n, size = 3000, 64
+    ref = _torchvision_boxes(n, size, scale, ratio)  # i, j, h, w
+    w, h, x0, y0 = sample_crops(n, scale, ratio, torch.Generator().manual_seed(0), size=size)
+    ours = np.stack([(y0 * size).numpy(), (x0 * size).numpy(), (h * size).numpy(), (w * size).numpy()], 1)
+    for col in range(4):
+        assert abs(ours[:, col].mean() - ref[:, col].mean()) < 0.06 * size, col
+    whole = lambda b: float(((b[:, 2] == size) & (b[:, 3] == size)).mean())
+    assert abs(whole(ours) - whole(ref)) < 0.04
+
+
+def test_train_transform_is_deterministic_and_batched_per_image():
+    img = torch.randint(0, 256, (6, 48, 48, 3), dtype=torch.uint8)
+    t = PRESETS["pilot"].with_size(40)
+    a = t(img, train=True, generator=torch.Generator().manual_seed(5))
+    b = t(img, train=True, generator=torch.Generator().manual_seed(5))
+    c = t(img, train=True, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # the batched resampler equals resizing each image alone with its own box
+    top, left, height, width, flipped = t.crop_boxes(6, 48, torch.Generator().manual_seed(5))
+    x = img.permute(0, 3, 1, 2).float()
+    for i in range(6):
+        one = resized_crops(x[i:i + 1], top[i:i + 1], left[i:i + 1], height[i:i + 1], width[i:i + 1], 40,
+                            "bilinear", flipped[i:i + 1])
+        assert torch.equal(one[0] / 255, a[i])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_gives_the_cpu_pixels():
+    img = torch.randint(0, 256, (8, 256, 256, 3), dtype=torch.uint8)
+    for name in PRESETS:
+        for train in (True, False):
+            cpu = PRESETS[name](img, train, torch.Generator().manual_seed(2))
+            gpu = PRESETS[name](img.cuda(), train, torch.Generator().manual_seed(2)).cpu()
+            assert torch.allclose(cpu, gpu, atol=1e-5), (name, train)
+
+
+def test_unknown_interpolation_is_one_clear_error():
+    with pytest.raises(CilbenchError, match="interpolation"):
+        ImageTransform(interpolation="lanczos")
+
+
+def test_resampling_weights_stay_in_the_box_and_widen_when_downscaling():
+    start, length = torch.tensor([10, 0]), torch.tensor([100, 256])
+    w = resample_weights(start, length, 256, 50, "bilinear", quantize=False)  # 2x and ~5x downscales
+    assert torch.allclose(w.sum(2), torch.ones(2, 50, dtype=torch.float64))
+    assert float(w[0, :, :10].abs().sum()) == 0 and float(w[0, :, 110:].abs().sum()) == 0
+    # antialiasing: a bilinear tap reaches scale pixels each side (2 and 5.12 here), not 1
+    taps = (w != 0).sum(2)
+    assert int(taps[0].max()) == 4 and int(taps[1].max()) >= 10
+    up = resample_weights(torch.tensor([0]), torch.tensor([32]), 32, 224, "bicubic", quantize=False)
+    assert int((up != 0).sum(2).max()) == 4 and float(up.min()) < 0  # plain bicubic taps with negative lobes
+    flipped = resample_weights(start, length, 256, 50, "bilinear", torch.tensor([True, False]), quantize=False)
+    assert torch.equal(flipped[0], w[0].flip(0)) and torch.equal(flipped[1], w[1])
