@@ -197,7 +197,9 @@ def test_align_classifiers_fits_a_head_on_sampled_features():
 # ---- CICAE end to end ----
 
 def _run(cli, out, *sets):
-    args = ["run", "cicae", "--dataset", "synthetic", "--quick", "--out", str(out)]
+    # four epochs a task keep these structural checks fast; tests/test_quick_learns.py runs the quick profile itself
+    args = ["run", "cicae", "--dataset", "synthetic", "--quick", "--out", str(out), "--set", "epochs=4", "--set",
+            "first_epochs=4"]
     for s in sets:
         args += ["--set", s]
     res = cli(*args)
@@ -255,6 +257,32 @@ def test_cicae_single_expert_inference_and_ablation_switches(cli, tmp_path):
     bad = cli("run", "cicae", "--dataset", "synthetic", "--quick", "--out", str(tmp_path), "--set",
               "expert_lrs=0.1,0.2")
     assert bad.code == 2 and "expert_lrs gives 2 rates for num_experts=3" in bad.err
+
+
+@pytest.mark.parametrize("k,rates", [(1, (1e-2,)), (2, (1e-2, 2e-2)), (3, (1e-2, 2e-2, 1e-3))])
+def test_cicae_num_experts_alone_takes_the_papers_first_rates(k, rates):
+    from cilbench.data.scenario import build_scenario
+    from cilbench.methods.base import resolve_config
+    from cilbench.methods.cicae import CICAE
+
+    cfg, _ = resolve_config(CICAE, "synthetic", True, {"num_experts": str(k)})
+    assert cfg.expert_lrs == rates  # the record holds the rates the run used
+    method = CICAE(cfg, build_backbone("vit-tiny", pretrained=False), build_scenario("synthetic", None, 1993))
+    assert method.lrs == rates and method.vit.num_experts == k
+
+
+def test_cicae_more_experts_than_the_paper_names_what_to_pass():
+    from cilbench.data.scenario import build_scenario
+    from cilbench.errors import CilbenchError
+    from cilbench.methods.base import resolve_config
+    from cilbench.methods.cicae import CICAE
+
+    cfg, _ = resolve_config(CICAE, "synthetic", False, {"num_experts": "4"})
+    with pytest.raises(CilbenchError, match=r"num_experts=4 pass one per expert \(--set expert_lrs="):
+        CICAE(cfg, build_backbone("vit-tiny", pretrained=False), build_scenario("synthetic", None, 1993))
+    cfg, _ = resolve_config(CICAE, "synthetic", False, {"num_experts": "4", "expert_lrs": "0.01,0.02,0.001,0.005"})
+    assert CICAE(cfg, build_backbone("vit-tiny", pretrained=False),
+                 build_scenario("synthetic", None, 1993)).lrs == (0.01, 0.02, 0.001, 0.005)
 
 
 def test_cicae_info_shows_paper_defaults_and_presets(cli):

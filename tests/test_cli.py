@@ -84,7 +84,7 @@ def test_methods_and_datasets_listing(cli):
     assert r.code == 0 and "simplecil" in r.out and "zeroshot-clip" in r.out
     r = cli("methods", "info", "finetune", "--json")
     info = json.loads(r.out)
-    assert info["defaults"]["batch_size"] == 48 and info["default_backbone"] == "vit-b16-in21k"
+    assert info["defaults"]["batch_size"] == 128 and info["default_backbone"] == "vit-b16-in21k"
     r = cli("datasets", "list")
     assert r.code == 0 and "imagenet-a" in r.out and "mtil" in r.out
     r = cli("datasets", "info", "imagenet-a", "--json")

@@ -211,7 +211,7 @@ def _record(out: Path) -> dict:
 @pytest.mark.parametrize("method", ["slca", "ease"])
 def test_run_on_synthetic(cli, tmp_path, method):
     out = tmp_path / "res"
-    r = cli("run", method, "--dataset", "synthetic", "--quick", "--out", out)
+    r = cli("run", method, "--dataset", "synthetic", "--quick", "--set", "epochs=3", "--out", out)
     assert r.code == 0, r.err + r.out
     rec = _record(out)
     assert rec["method"] == method and rec["status"] == "complete" and rec["increments"] == [5, 5, 5, 5]
@@ -219,10 +219,40 @@ def test_run_on_synthetic(cli, tmp_path, method):
     assert m.shape == (4, 4) and not np.isnan(m[np.tril_indices(4)]).any()
     if method == "slca":
         assert sorted(rec["extra"]["ca_loss"]) == ["1", "2", "3"]  # alignment from the second task on
-        assert rec["config"]["ca_epochs"] == 2 and rec["config"]["epochs"] == 1
+        assert rec["config"]["ca_epochs"] == SLCA.quick["ca_epochs"] and rec["config"]["epochs"] == 3
     else:
         assert rec["metrics"]["A_last"] > 30  # prototypes over adapter subspaces: far above chance (5%)
     assert not list((out / ".checkpoints").glob("*.pt"))
+
+
+def test_slca_transforms_follow_the_official_pipelines():
+    from cilbench.data.augment import PRESETS
+
+    cifar, imagenet, cub = PRESETS["slca-cifar"], PRESETS["slca-imagenet"], PRESETS["slca-cub"]
+    assert cifar.mean == (0.5071, 0.4867, 0.4408) and cifar.std == (0.2675, 0.2565, 0.2761)
+    assert imagenet.mean == cub.mean == (0.485, 0.456, 0.406) and imagenet.std == (0.229, 0.224, 0.225)
+    assert cifar.scale == imagenet.scale == (0.08, 1.0) and cifar.interpolation == "bicubic" and cifar.flip
+    assert cub.scale == pytest.approx(((224 / 300) ** 2,) * 2) and cub.ratio == (1.0, 1.0)  # Resize(300) + crop 224
+    assert cifar.eval_crop == imagenet.eval_crop == cub.eval_crop == 224 / 256
+    images = torch.zeros(2, 8, 8, 3, dtype=torch.uint8)  # black images come out at -mean / std
+    out = imagenet.with_size(16)(images, train=False)
+    assert out[:, 0].flatten().tolist() == pytest.approx([-0.485 / 0.229] * 512)
+
+
+def test_slca_replaces_the_final_layernorm_with_a_fresh_one():
+    backbone = build_backbone("vit-tiny", pretrained=False)
+    with torch.no_grad():
+        backbone.model.norm.weight.fill_(3.0)  # stands for the pre-trained values
+    old = backbone.model.norm
+    scenario = _scenario(2, 2)
+    method = SLCA(SLCA.Config(), backbone, scenario)
+    method.before_task(scenario.tasks[0])
+    norm = method.backbone.model.norm
+    assert norm is not old and isinstance(norm, torch.nn.LayerNorm) and norm.eps == 1e-5  # nn.LayerNorm(768)
+    assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0) and norm.weight.requires_grad
+    assert any(p is norm.weight for p in method.param_groups(None)[0]["params"])  # trained with the backbone
+    kept = SLCA(SLCA.Config(fresh_norm=False), build_backbone("vit-tiny", pretrained=False), _scenario(2, 2))
+    assert kept.backbone.model.norm.eps == 1e-6  # timm's pre-trained norm, untouched
 
 
 def test_presets_resolve():
@@ -230,6 +260,10 @@ def test_presets_resolve():
 
     cfg, _ = resolve_config(SLCA, "imagenet-r", False, {})
     assert cfg.epochs == 50 and cfg.ca_epochs == 5 and cfg.batch_size == 128
+    # the official code's images, normalisation and mean shrink (GengDavid/SLCA utils/data.py, models/slca.py)
+    assert (cfg.transform, cfg.ca_mean_shrink, cfg.fresh_norm) == ("slca-imagenet", 0.1, True)
+    assert resolve_config(SLCA, "cifar100", False, {})[0].transform == "slca-cifar"
+    assert resolve_config(SLCA, "cub", False, {})[0].transform == "slca-cub"
     cfg, _ = resolve_config(EASE, "vtab", False, {})
     assert cfg.epochs == 45 and cfg.bottleneck == 16 and cfg.lr == 0.03
     cfg, _ = resolve_config(EASE, "cub", False, {"alpha": "0.2"})
@@ -240,9 +274,10 @@ def _cli(method: str, out: Path, *extra: str, kill_after: int | None = None) -> 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if kill_after is not None:
         env["CILBENCH_TEST_KILL_AFTER_TASK"] = str(kill_after)
+    # two epochs a task: resuming is about identical numbers, not about how far the quick profile learns
     return subprocess.run([sys.executable, "-m", "cilbench", "run", method, "--dataset", "synthetic", "--quick",
-                           "--seed", "7", "--out", str(out), *extra], env=env, capture_output=True, text=True,
-                          timeout=300)
+                           "--seed", "7", "--set", "epochs=2", "--out", str(out), *extra], env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("method", [pytest.param("slca", marks=pytest.mark.slow), "ease"])

@@ -12,7 +12,8 @@ import pytest
 
 ARGS = ["run", "finetune", "--dataset", "synthetic", "--quick", "--seed", "7", "--set", "epochs=2"]
 # CICAE carries adapters inside the frozen backbone, class Gaussians, extra curves and per-expert views
-CICAE = ["run", "cicae", "--dataset", "synthetic", "--quick", "--seed", "7"]
+CICAE = ["run", "cicae", "--dataset", "synthetic", "--quick", "--seed", "7", "--set", "epochs=2",
+         "--set", "first_epochs=2"]
 
 
 def _cli(out: Path, *extra: str, kill_after: int | None = None, args=ARGS) -> subprocess.CompletedProcess:

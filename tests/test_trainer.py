@@ -34,3 +34,96 @@ def test_param_groups_keep_their_own_learning_rates():
     assert len(opt.param_groups[1]["params"]) == 1  # the frozen weight is left out
     assert isinstance(build_optimizer([dict(params=list(a.parameters()))], TrainConfig(optimizer="adamw")),
                       torch.optim.AdamW)
+
+
+# ---- the schedule as the references step it: once per epoch (CosineAnnealingLR / MultiStepLR after each epoch) ----
+
+from types import SimpleNamespace  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from cilbench.engine.trainer import fit  # noqa: E402
+from cilbench.errors import CilbenchError  # noqa: E402
+from cilbench.methods.base import Method  # noqa: E402
+
+
+class _Recorder(Method):
+    """One weight in two groups (base lr and 10x); records every group's lr at every optimiser step."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg, torch.nn.Identity(), None)
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.v = torch.nn.Parameter(torch.zeros(1))
+
+    def param_groups(self, task):
+        return [dict(params=[self.w]), dict(params=[self.v], lr=self.cfg.lr * 10)]
+
+    def training_step(self, batch):
+        return (self.w - 1).pow(2).sum() + (self.v - 1).pow(2).sum()
+
+
+def _fit(cfg: TrainConfig, n: int = 10, task_index: int = 0):
+    """Fit the recorder on ``n`` blank images; returns every step's group lrs and the groups' weight decays."""
+    from cilbench.engine import trainer
+    from cilbench.engine.loader import TaskData
+
+    method = _Recorder(cfg)
+    lrs, decays = [], []
+    real_step = trainer.train_step
+
+    def spy(method, optimizer, *args):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        decays[:] = [g["weight_decay"] for g in optimizer.param_groups]
+        return real_step(method, optimizer, *args)
+
+    data = TaskData(np.zeros((n, 4, 4, 3), np.uint8), np.arange(n), np.zeros(n, dtype=np.int64))
+    task = SimpleNamespace(index=task_index, name=f"task {task_index}")
+    trainer.train_step = spy
+    try:
+        fit(method, task, data, lambda x, train: x.float(), torch.device("cpu"), seed=0)
+    finally:
+        trainer.train_step = real_step
+    return lrs, decays
+
+
+def test_cosine_is_annealed_once_per_epoch_like_cosine_annealing_lr():
+    # 4 epochs of 3 steps (10 images, batch 4): CosineAnnealingLR(T_max=4) stepped after each epoch gives epoch e
+    # the lr 0.1 * (1 + cos(pi * e / 4)) / 2 for all its steps; the second group keeps its 10x ratio
+    lrs, _ = _fit(TrainConfig(epochs=4, batch_size=4, lr=0.1, schedule="cosine"))
+    by_hand = [0.1, 0.1 * (1 + math.cos(math.pi / 4)) / 2, 0.05, 0.1 * (1 + math.cos(3 * math.pi / 4)) / 2]
+    assert len(lrs) == 12
+    for step, (lr, lr10) in enumerate(lrs):
+        assert lr == pytest.approx(by_hand[step // 3])
+        assert lr10 == pytest.approx(10 * by_hand[step // 3])
+    # the same with torch's own scheduler, stepped per epoch
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
+    torch_lrs = []
+    for _ in range(4):
+        torch_lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [lrs[3 * e][0] for e in range(4)] == pytest.approx(torch_lrs)
+
+
+def test_iteration_unit_anneals_every_step():
+    lrs, _ = _fit(TrainConfig(epochs=4, batch_size=4, lr=0.1, schedule="cosine", schedule_unit="iteration"))
+    assert [lr for lr, _ in lrs] == pytest.approx([0.1 * (1 + math.cos(math.pi * s / 12)) / 2 for s in range(12)])
+
+
+def test_step_decay_and_warmup_per_epoch():
+    lrs, _ = _fit(TrainConfig(epochs=4, batch_size=4, lr=0.1, schedule="step", lr_milestones=(2,)))
+    assert [lr for lr, _ in lrs] == pytest.approx([0.1] * 6 + [0.01] * 6)
+    lrs, _ = _fit(TrainConfig(epochs=4, batch_size=4, lr=0.1, schedule="constant", warmup_epochs=2))
+    assert [lr for lr, _ in lrs] == pytest.approx([0.05] * 3 + [0.1] * 9)
+    with pytest.raises(CilbenchError, match="whole number"):
+        _fit(TrainConfig(epochs=4, batch_size=4, warmup_epochs=0.5))
+    with pytest.raises(CilbenchError, match="schedule_unit=iteration"):
+        _fit(TrainConfig(epochs=4, batch_size=4, warmup_iterations=3))
+
+
+def test_first_weight_decay_applies_to_the_first_task_only():
+    cfg = TrainConfig(epochs=1, batch_size=4, weight_decay=2e-4, first_weight_decay=5e-4)
+    assert _fit(cfg, task_index=0)[1] == [5e-4, 5e-4]
+    assert _fit(cfg, task_index=1)[1] == [2e-4, 2e-4]
+    assert _fit(TrainConfig(epochs=1, batch_size=4, weight_decay=2e-4), task_index=0)[1] == [2e-4, 2e-4]

@@ -1,5 +1,10 @@
 """The one training loop: optimiser from the method's param groups, warmup + cosine, bf16 autocast on CUDA,
-NaN guard, progress and timings. Methods own losses and parameters; the trainer owns everything else."""
+NaN guard, progress and timings. Methods own losses and parameters; the trainer owns everything else.
+
+Schedules move once per epoch by default (``schedule_unit="epoch"``): the lr of every group is set at the start of
+epoch ``e`` from ``e`` alone, which is what the official PTM-CIL codes get from a torch scheduler stepped after each
+epoch (``CosineAnnealingLR(T_max=epochs)``, ``MultiStepLR``). ``schedule_unit="iteration"`` (and every run counted in
+``iterations``) moves it at every optimiser step."""
 
 from __future__ import annotations
 
@@ -39,7 +44,19 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+# the TrainConfig fields only gradient training reads: a method that never trains lists them as unused
+# (``unused_settings``), so ``cilbench methods info`` does not show them
+TRAINING_SETTINGS: tuple[str, ...] = (
+    "epochs", "first_epochs", "iterations", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
+    "first_weight_decay", "schedule", "schedule_unit", "lr_milestones", "lr_gamma", "warmup_epochs",
+    "warmup_iterations", "min_lr", "label_smoothing")
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig,
+                    weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """The optimiser over the trainable parameters of ``groups``; a group without ``lr`` takes ``cfg.lr``, one
+    without ``weight_decay`` takes ``weight_decay`` (default ``cfg.weight_decay``)."""
+    weight_decay = cfg.weight_decay if weight_decay is None else weight_decay
     groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
     groups = [g for g in groups if g["params"]]
     if not groups:
@@ -48,15 +65,16 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.opt
         g.setdefault("lr", cfg.lr)
     name = cfg.optimizer.lower()
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=weight_decay)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=weight_decay)
     raise CilbenchError(f"unknown optimizer {cfg.optimizer!r} (sgd, adamw, adam)")
 
 
 SCHEDULES = ("cosine", "constant", "step")
+SCHEDULE_UNITS = ("epoch", "iteration")
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float, steps_per_epoch: int = 1,
@@ -87,6 +105,25 @@ def train_step(method: Method, optimizer: torch.optim.Optimizer, images: torch.T
     return loss.detach()
 
 
+def weight_decay_for(cfg: TrainConfig, task) -> float:
+    """``first_weight_decay`` on the first task when set (PILOT's finetune: ``init_weight_decay``), else
+    ``weight_decay``."""
+    if task.index == 0 and cfg.first_weight_decay is not None:
+        return cfg.first_weight_decay
+    return cfg.weight_decay
+
+
+def epoch_schedule(cfg: TrainConfig, epochs: int) -> tuple[int, int]:
+    """(total, warmup) of a schedule stepped once per epoch; warmup must be whole epochs."""
+    if cfg.warmup_iterations:
+        raise CilbenchError("warmup_iterations counts optimiser steps: use it with --set schedule_unit=iteration, "
+                            "or warm up in whole epochs (warmup_epochs)")
+    if cfg.warmup_epochs != int(cfg.warmup_epochs):
+        raise CilbenchError(f"warmup_epochs={cfg.warmup_epochs:g} is not a whole number of epochs, which a schedule "
+                            f"stepped per epoch needs; use --set schedule_unit=iteration")
+    return epochs, int(cfg.warmup_epochs)
+
+
 def _diverged(task, bad: int) -> CilbenchError:
     return CilbenchError(f"training diverged on {task.name}: the loss was not finite for the last {bad} steps; "
                          f"lower the learning rate (--set lr=...)")
@@ -99,14 +136,22 @@ def fit(method: Method, task, data: TaskData, transform: ImageTransform, device:
     cfg: TrainConfig = method.cfg
     if cfg.schedule not in SCHEDULES:
         raise CilbenchError(f"unknown schedule {cfg.schedule!r} ({', '.join(SCHEDULES)})")
+    if cfg.schedule_unit not in SCHEDULE_UNITS:
+        raise CilbenchError(f"unknown schedule_unit {cfg.schedule_unit!r} ({', '.join(SCHEDULE_UNITS)})")
     groups = method.param_groups(task)
     if not groups or len(data) == 0:
         return stats
-    optimizer = build_optimizer(groups, cfg)
+    optimizer = build_optimizer(groups, cfg, weight_decay_for(cfg, task))
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     steps_per_epoch = max(1, -(-len(data) // cfg.batch_size))
     total = cfg.iterations or method.epochs_for(task) * steps_per_epoch
-    warmup = cfg.warmup_iterations or int(round(cfg.warmup_epochs * steps_per_epoch))
+    per_epoch = cfg.schedule_unit == "epoch" and not cfg.iterations
+    if per_epoch:  # the schedule counts epochs: one lr per epoch
+        sched_total, warmup = epoch_schedule(cfg, method.epochs_for(task))
+        sched_steps_per_epoch = 1
+    else:
+        sched_total, sched_steps_per_epoch = total, steps_per_epoch
+        warmup = cfg.warmup_iterations or int(round(cfg.warmup_epochs * steps_per_epoch))
     min_ratio = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
     update = progress(f"train {task.name}", total) if progress else (lambda n, loss: None)
     method.train()
@@ -118,9 +163,10 @@ def fit(method: Method, task, data: TaskData, transform: ImageTransform, device:
         for raw in stream:
             if stats.steps >= total:
                 break
+            factor = lr_factor(epoch if per_epoch else stats.steps, sched_total, warmup, cfg.schedule, min_ratio,
+                               sched_steps_per_epoch, tuple(cfg.lr_milestones), cfg.lr_gamma)
             for g, base in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = base * lr_factor(stats.steps, total, warmup, cfg.schedule, min_ratio, steps_per_epoch,
-                                           tuple(cfg.lr_milestones), cfg.lr_gamma)
+                g["lr"] = base * factor
             loss = train_step(method, optimizer, transform(raw.images, train=True), raw.labels, task, device)
             if loss is None:
                 bad += 1

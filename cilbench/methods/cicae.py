@@ -21,8 +21,9 @@ Where the paper is silent (every choice is a config value):
   logits, which is also why lambda1, lambda2 are as large as 25..400. ``kl_scope = "seen"``: eq. (4)'s softmax runs
   over all logit entries, i.e. every seen class (``"task"``: the current task's classes only).
 * Each expert's head learns at its adapter's rate (``head_lr`` overrides). SGD, momentum 0.9, wd 5e-4, batch 48,
-  cosine to 0: SSIAT / PILOT. ``lambda1, lambda2`` default to 50 / 200, the log-midpoint of the two published
-  settings (ImageNet-A 25 / 400, CUB 100 / 100, both presets), for datasets the paper gives none for.
+  cosine to 0 stepped per epoch (SSIAT ``exps_jsons/adapter_*.json``, ``models/SSITA_adapter.py``).
+  ``lambda1, lambda2`` default to 50 / 200, the log-midpoint of the two published settings (ImageNet-A 25 / 400,
+  CUB 100 / 100, both presets), for datasets the paper gives none for.
 * Alignment: 5 epochs, 256 samples per class and expert per epoch, batch 256, SGD lr 0.01 momentum 0.9 wd 5e-4
   cosine per epoch, covariance ridge 1e-3 (SSIAT); none on the first task (SSIAT, SLCA). Samples of expert k
   are drawn from expert k's own Gaussians; the i-th samples of each expert share a class and are paired in the KL.
@@ -46,6 +47,8 @@ from cilbench.models.gaussian import ClassGaussians, semantic_drift
 from cilbench.models.heads import CosineHead
 from cilbench.models.losses import cosine_ce, margin_cosine_ce, pairwise_kl
 
+PAPER_EXPERT_LRS = (1e-2, 2e-2, 1e-3)  # the learning rates of CICAE's three experts (cicae.txt)
+
 
 @register_method("cicae", paper="Qiang et al., IEEE SPL 2025 (collaborative adapter experts)", family="ptm-cil",
                  backbone="vit-b16-in21k", backbone_family="vit",
@@ -55,7 +58,8 @@ class CICAE(Method):
     @dataclass
     class Config(AdapterConfig):
         num_experts: int = 3
-        expert_lrs: tuple[float, ...] = (1e-2, 2e-2, 1e-3)  # one per expert (one value: shared by all)
+        # one per expert, or one shared by all; None: the paper's rates, the first num_experts of them
+        expert_lrs: tuple[float, ...] | None = None
         head_lr: float | None = None  # None: each head learns at its expert's rate
         lambda1: float = 50.0  # L_CKS weight (phase 1); 0 switches collaboration off
         lambda2: float = 200.0  # L_CCA weight (phase 2)
@@ -77,23 +81,38 @@ class CICAE(Method):
         first_epochs: int | None = 20
         batch_size: int = 48
         lr: float = 0.01
+        schedule_unit: str = "epoch"  # SSIAT models/SSITA_adapter.py: CosineAnnealingLR(T_max=epochs) per epoch
+
+        def __post_init__(self) -> None:
+            if self.expert_lrs is None and 1 <= self.num_experts <= len(PAPER_EXPERT_LRS):
+                self.expert_lrs = PAPER_EXPERT_LRS[: self.num_experts]  # num_experts=2 alone runs 1e-2, 2e-2
 
     presets = {
         "imagenet-a": dict(lambda1=25.0, lambda2=400.0),
         "cub": dict(lambda1=100.0, lambda2=100.0),
     }
-    quick = dict(epochs=2, first_epochs=2, batch_size=32, ca_epochs=2, ca_samples_per_class=32, ca_batch_size=64)
+    # smoke profile (no reference): Adam at the paper's expert rates, 20 epochs, the light "quick" crops
+    quick = dict(optimizer="adam", epochs=20, first_epochs=20, batch_size=16, transform="quick", ca_epochs=5,
+                 ca_samples_per_class=64, ca_batch_size=64)
+    unused_settings = ("label_smoothing",)  # eq. (2) and (5) have none
     checkpoint_excludes = ("backbone.",)
     checkpoint_includes = (".adapters.",)
 
     def __init__(self, cfg, backbone, scenario):
         super().__init__(cfg, backbone, scenario)
         k = cfg.num_experts
+        if k < 1:
+            raise CilbenchError(f"cicae: num_experts must be at least 1, not {k}")
+        if cfg.expert_lrs is None:
+            raise CilbenchError(f"cicae: the paper gives learning rates for {len(PAPER_EXPERT_LRS)} experts; for "
+                                f"num_experts={k} pass one per expert (--set expert_lrs=0.01,0.02,0.001,...) or one "
+                                f"for all (--set expert_lrs=0.01)")
         lrs = tuple(cfg.expert_lrs)
         if len(lrs) == 1:
             lrs = lrs * k
-        if k < 1 or len(lrs) != k:
-            raise CilbenchError(f"cicae: expert_lrs gives {len(lrs)} rates for num_experts={k}")
+        if len(lrs) != k:
+            raise CilbenchError(f"cicae: expert_lrs gives {len(lrs)} rates for num_experts={k}; pass {k} rates "
+                                f"(--set expert_lrs=a,b,...) or one for all")
         if cfg.kl_scope not in ("seen", "task"):
             raise CilbenchError(f"cicae: kl_scope must be seen or task, not {cfg.kl_scope!r}")
         if not 0 <= cfg.infer_expert <= k:

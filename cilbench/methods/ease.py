@@ -20,8 +20,8 @@
    implementations (``EaseCosineLinear.forward_reweight``), so alpha weighs the other subspaces together.
 
 Defaults and presets (official sun-hailong/CVPR24-Ease ``exps/ease_*_in21k.json``, the ViT-B/16 IN21k runs; the
-CIFAR one equals PILOT's ``exps/ease.json``): 20 epochs, SGD momentum 0.9, cosine to 0, adapter bottleneck 64,
-alpha 0.1, no PTM subspace. Per dataset (lr / batch / wd / alpha / epochs):
+CIFAR one equals PILOT's ``exps/ease.json``): 20 epochs, SGD momentum 0.9, cosine to 0 stepped per epoch
+(``models/ease.py``), adapter bottleneck 64, alpha 0.1, no PTM subspace. Per dataset (lr / batch / wd / alpha / epochs):
 cifar100 0.025 / 48 / 5e-4 / 0.1 / 20; cub 0.008 / 32 / 5e-4 / 0.05 / 20; imagenet-r 0.05 / 16 / 5e-3 / 0.1 / 20;
 imagenet-a 0.05 / 32 / 5e-3 / 0.1 / 20; objectnet 0.05 / 48 / 5e-3 / 0.2 / 25; vtab 0.03 / 16 / 5e-3 / 0.1 / 45
 with bottleneck 16; omnibenchmark 0.01 / 16 / 5e-4. The official OmniBenchmark config switches EASE into an
@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from cilbench.methods.base import AdapterConfig, Method, register_method
+from cilbench.methods.finetune_adapter import QUICK_ADAPTER
 from cilbench.models.heads import ScaledCosineHead, class_means
 
 
@@ -80,6 +81,7 @@ class EASE(Method):
         momentum: float = 0.9
         weight_decay: float = 5e-4
         schedule: str = "cosine"
+        schedule_unit: str = "epoch"  # models/ease.py: CosineAnnealingLR(T_max=epochs) stepped per epoch
         alpha: float = 0.1
         use_init_ptm: bool = False  # add the frozen PTM's features as subspace 0
         beta: float = 0.0  # weight of the PTM subspace at inference (use_init_ptm only)
@@ -94,7 +96,8 @@ class EASE(Method):
         "vtab": dict(lr=0.03, batch_size=16, weight_decay=5e-3, epochs=45, bottleneck=16),
         "omnibenchmark": dict(lr=0.01, batch_size=16, weight_decay=5e-4),
     }
-    quick = dict(epochs=1, batch_size=32)
+    quick = dict(QUICK_ADAPTER, lr=2e-2, epochs=25)  # each new adapter starts from zero: a little more (measured)
+    unused_settings = ("label_smoothing",)  # plain cross-entropy (official code)
     checkpoint_excludes = ("backbone.",)
     checkpoint_includes = (".adapters.",)
 

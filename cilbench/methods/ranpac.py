@@ -13,10 +13,11 @@
 
 Defaults, from the official code (github RanPAC/RanPAC, ``RanPAC.py``, ``args/*_publish.csv``, rows with the adapter:
 cifar224 and cub, ID 7): phase 1 SGD momentum 0.9, lr 0.01 (``body_lr``; the head learns at it too), wd 5e-4, batch
-48, 20 epochs, cosine to 0; M = 10000; lambda grid ``10.0 ** arange(-8, 9)``, 20% held out, chosen by the held-out
-mean squared error. The official rows for ImageNet-R / ImageNet-A / VTAB use SSF and OmniBenchmark VPT, all with the
-same 20 / 0.01 / 48 / 5e-4; with the adapter, ImageNet-R takes PILOT's ``exps/ranpac_inr.json``: 10 epochs, lr 0.05,
-batch 16, wd 5e-3 (PILOT ``exps/ranpac.json`` for CIFAR equals the official values).
+48, 20 epochs, cosine to 0 stepped per epoch (``CosineAnnealingLR(T_max=tuned_epoch)``); M = 10000; lambda grid
+``10.0 ** arange(-8, 9)``, 20% held out, chosen by the held-out mean squared error. The official rows for
+ImageNet-R / ImageNet-A / VTAB use SSF and OmniBenchmark VPT, all with the same 20 / 0.01 / 48 / 5e-4; with the
+adapter, ImageNet-R takes PILOT's ``exps/ranpac_inr.json``: 10 epochs, lr 0.05, batch 16, wd 5e-3 (PILOT
+``exps/ranpac.json`` for CIFAR equals the official values).
 
 Where the papers and codes are silent or differ (every choice a config value):
 * Phase 1's head is the official ``CosineLinear`` (learnable scale, init 1), trained in one group with the adapter.
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 
 from cilbench.errors import CilbenchError
 from cilbench.methods.base import register_method
-from cilbench.methods.finetune_adapter import IMAGENET_R_TUNING, AdapterTuning, AdapterTuningConfig
+from cilbench.methods.finetune_adapter import IMAGENET_R_TUNING, QUICK_ADAPTER, AdapterTuning, AdapterTuningConfig
 
 
 def ridge_solve(G: torch.Tensor, Q: torch.Tensor, lam: float) -> torch.Tensor:
@@ -144,7 +145,7 @@ class RanPAC(AdapterTuning):
 
     presets = {name: {} for name in ("cifar100", "imagenet-a", "cub", "objectnet", "omnibenchmark", "vtab")}
     presets["imagenet-r"] = dict(IMAGENET_R_TUNING)
-    quick = dict(epochs=2, batch_size=32, M=256)
+    quick = dict(QUICK_ADAPTER, epochs=40, M=256)  # only the first task trains
 
     def __init__(self, cfg, backbone, scenario):
         if cfg.ridge_select not in ("mse", "accuracy"):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cilbench.engine.trainer import TRAINING_SETTINGS
 from cilbench.methods.base import Method, TrainConfig, register_method
 from cilbench.models.heads import PrototypeHead, class_means
 
@@ -21,10 +22,13 @@ class SimpleCIL(Method):
     @dataclass
     class Config(TrainConfig):
         epochs: int = 0  # no gradient training
-        batch_size: int = 128  # PILOT's simplecil.json
+        # PILOT models/simplecil.py: the module constant batch_size = 128 for its prototype and test loaders
+        # (exps/simplecil.json's 256 is never read)
         eval_batch_size: int = 128
 
+    quick = dict(transform="quick")  # the smoke profile's images, as every trained ViT method's quick profile
     checkpoint_excludes = ("backbone.",)  # never trained
+    unused_settings = TRAINING_SETTINGS  # nothing trains: only the eval batch and transform matter
 
     def __init__(self, cfg, backbone, scenario):
         super().__init__(cfg, backbone, scenario)

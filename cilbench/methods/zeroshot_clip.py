@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cilbench.engine.trainer import TRAINING_SETTINGS
 from cilbench.methods.base import Method, TrainConfig, register_method
 from cilbench.models.clip_text import scenario_text_classifier
 
@@ -30,6 +31,7 @@ class ZeroShotCLIP(Method):
         eval_batch_size: int = 256
 
     checkpoint_excludes = ("backbone.",)
+    unused_settings = TRAINING_SETTINGS  # nothing trains
     zero_shot = True
 
     def __init__(self, cfg, backbone, scenario):
