@@ -87,14 +87,48 @@ app.add_typer(methods_app, name="methods")
 app.add_typer(datasets_app, name="datasets")
 
 
+@app.callback()
+def _every_command() -> None:
+    """Before any command: state of an earlier command in this process (tests run many) is forgotten."""
+    from cilbench.data.user_catalog import use_cache
+    from cilbench.plugins import clear_requests
+
+    use_cache(None)  # the user dataset catalog follows each command's own --cache-dir
+    clear_requests()  # and the plugin files are each command's own
+
+
+def _use_plugins(files: list[Path]) -> list[Path]:
+    """--plugin: the named files and those of $CILBENCH_PLUGINS, checked now, imported when a method is resolved."""
+    from cilbench.plugins import request
+
+    request(files or [])
+    return files
+
+
+def _plugin_option() -> Any:
+    """``--plugin FILE.py`` (repeatable) of every command that resolves methods."""
+    return typer.Option([], "--plugin", metavar="FILE.py", callback=_use_plugins,
+                        help="A Python file registering your own methods (repeatable; also $CILBENCH_PLUGINS, "
+                             "os.pathsep-separated).")
+
+
+def _user_catalog(cache_dir: Optional[Path]) -> None:
+    """Read the user dataset catalog of this command's cache folder (``--cache-dir``, else $CILBENCH_CACHE)."""
+    from cilbench.data.user_catalog import use_cache
+
+    use_cache(cache_dir)
+
+
 def _print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 # ---------------------------------------------------------------- methods
 @methods_app.command("list")
-def methods_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List registered methods: family, default backbone, paper and what each does.
+def methods_list(as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+                 plugin: list[Path] = _plugin_option()) -> None:
+    """List registered methods: family, default backbone, origin (built-in, or external: an installed package's
+    entry point or a --plugin file; --json says which), paper and what each does.
 
     Piped or redirected, the list is a markdown table with one line per method (names never wrap, so
     [bold]cilbench methods list | grep -w ease[/] finds a method).
@@ -102,14 +136,19 @@ def methods_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.
     Example: [bold]cilbench methods list[/]  or  [bold]cilbench methods list --json[/]
     """
     from cilbench.methods import METHODS, load_all
+    from cilbench.plugins import entry_point_problems, is_external, method_origin
 
+    for line in entry_point_problems():  # refused entry points (a built-in's name): one line each
+        _warn_skipped(line)
+    names = load_all(on_error=_warn_skipped)  # an external method that cannot be imported: one line, left out
     items = [{"name": name, "family": m.get("family", ""), "default_backbone": m.get("backbone", ""),
+              "origin": "external" if is_external(name) else "built-in",
               "paper": m.get("paper", ""), "summary": m.get("summary", "")}
-             for name, m in ((n, METHODS.metadata(n)) for n in load_all())]
+             for name, m in ((n, METHODS.metadata(n)) for n in names)]
     if as_json:
-        _print_json(items)
+        _print_json([{**item, "origin_detail": method_origin(item["name"])} for item in items])
         return
-    headers = ("method", "family", "default backbone", "paper", "what it does")
+    headers = ("method", "family", "default backbone", "origin", "paper", "what it does")
     if not console.is_terminal:  # a pipe gets whole lines: one method per line, nothing cut or wrapped
         lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         cells = ([str(v or "").replace("|", "\\|") for v in item.values()] for item in items)
@@ -119,6 +158,7 @@ def methods_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.
     table = Table(expand=True)
     for header in headers[:3]:  # names are single words: never wrapped, never cut
         table.add_column(header, no_wrap=True)
+    table.add_column("origin", overflow="fold")
     table.add_column("paper", overflow="fold", ratio=1)
     table.add_column("what it does", overflow="fold", ratio=2)
     for item in items:
@@ -127,26 +167,30 @@ def methods_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.
 
 
 @methods_app.command("info")
-def methods_info(name: str, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+def methods_info(name: str, as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+                 plugin: list[Path] = _plugin_option()) -> None:
     """Paper, family, default backbone, hyperparameter defaults and per-dataset presets of a method.
 
     Example: [bold]cilbench methods info simplecil --json[/]
     """
     from cilbench.methods import METHODS, load_method
     from cilbench.methods.base import config_defaults
+    from cilbench.plugins import method_origin
 
     cls = load_method(name)
     meta = METHODS.metadata(name)
+    unused = set(getattr(cls, "unused_settings", ()))  # settings the method never reads (e.g. no training)
     info = {"name": name, "paper": meta.get("paper"), "family": meta.get("family"),
             "default_backbone": meta.get("backbone"), "summary": meta.get("summary"),
             "doc": (cls.__dict__.get("__doc__") or sys.modules[cls.__module__].__doc__ or "").strip(),
-            "defaults": config_defaults(cls),
-            "presets": cls.presets, "quick": cls.quick, "merges_tasks": cls.merges_tasks}
+            "defaults": {k: v for k, v in config_defaults(cls).items() if k not in unused},
+            "presets": cls.presets, "quick": cls.quick, "merges_tasks": cls.merges_tasks,
+            "origin": method_origin(name)}
     if as_json:
         _print_json(info)
         return
     console.print(f"[bold]{name}[/] — {escape(str(info['paper']))}\nfamily: {info['family']}, "
-                  f"default backbone: {info['default_backbone']}\n")
+                  f"default backbone: {info['default_backbone']}, origin: {escape(info['origin']['text'])}\n")
     console.print(info["doc"] + "\n", markup=False, highlight=False)
     table = Table("setting", "default", *sorted(cls.presets), "quick")
     for key, value in info["defaults"].items():
@@ -158,20 +202,29 @@ def methods_info(name: str, as_json: bool = typer.Option(False, "--json", help="
 
 # ---------------------------------------------------------------- datasets
 @datasets_app.command("list")
-def datasets_list() -> None:
-    """List the dataset catalog.
+def datasets_list(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="CILBENCH_CACHE",
+                                                           help="Whose user catalog to list (the cache folder).")
+                  ) -> None:
+    """List the dataset catalog: the built-in datasets and yours (`cilbench datasets add`, catalog "user").
 
     Example: [bold]cilbench datasets list[/]
     """
     from cilbench.data.catalog import DATASETS, DatasetSpec
+    from cilbench.data.user_catalog import sync
 
-    table = Table("dataset", "classes", "source", "description")
+    _user_catalog(cache_dir)
+    try:
+        sync()
+    except CilbenchError as err:  # a damaged user catalog still lets the built-in catalog be listed
+        _warn_skipped(err)
+    table = Table("dataset", "classes", "source", "description", "catalog")
     for name in DATASETS.names():
         spec = DATASETS.get(name)
+        where = "user" if DATASETS.metadata(name).get("user") else "built-in"
         if isinstance(spec, DatasetSpec):
-            table.add_row(name, str(spec.num_classes), spec.source_line(), spec.description)
+            table.add_row(name, str(spec.num_classes), spec.source_line(), spec.description, where)
         else:
-            table.add_row(name, "-", "sequence of " + ", ".join(spec.datasets()), spec.description)
+            table.add_row(name, "-", "sequence of " + ", ".join(spec.datasets()), spec.description, where)
     console.print(table)
 
 
@@ -189,10 +242,14 @@ def datasets_info(name: str, cache_dir: Optional[Path] = typer.Option(None, "--c
 
     from cilbench.data.catalog import DatasetSpec, get_spec
     from cilbench.data.store import Store
+    from cilbench.data.user_catalog import catalog_path, is_user_dataset
     from cilbench.utils import cache_dir as resolve_cache
 
+    _user_catalog(cache_dir)
     spec = get_spec(name)
     info = dataclasses.asdict(spec)
+    if is_user_dataset(name):
+        info["user_catalog"] = str(catalog_path())
     if isinstance(spec, DatasetSpec):
         info["source"] = spec.source_line()
         info["split"] = spec.split_rule.describe() if spec.split_rule else "the source's train/test split"
@@ -229,6 +286,7 @@ def datasets_verify(name: str,
     from cilbench.data.store import Store, StoreCorrupted
     from cilbench.utils import cache_dir as resolve_cache
 
+    _user_catalog(cache_dir)
     cache = resolve_cache(cache_dir)
     root = store_path(name, cache)
     if not Store.exists(root):
@@ -244,7 +302,8 @@ def datasets_verify(name: str,
 def datasets_prepare(
     name: str,
     source: str = typer.Option("hub", "--source", help="hub, or a local PATH: an ImageFolder <dir>/{train,test}/"
-                                                        "<class>/ or a local copy of the hub repository."),
+                                                        "<class>/ or a local copy of the hub repository (your own "
+                                                        "datasets: their folder unless given)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="CILBENCH_CACHE"),
     force: bool = typer.Option(False, "--force", help="Prepare again even if a store exists."),
 ) -> None:
@@ -253,9 +312,10 @@ def datasets_prepare(
     Example: [bold]cilbench datasets prepare cifar100[/]  or  [bold]cilbench datasets prepare objectnet --source
     ~/data/objectnet[/]
     """
-    from cilbench.data.prepare import prepare
+    from cilbench.data.user_catalog import prepare  # cilbench.data.prepare's, reading your datasets' folders
     from cilbench.utils import cache_dir as resolve_cache
 
+    _user_catalog(cache_dir)
     store = prepare(name, resolve_cache(cache_dir), source=source, force=force)
     counts = ", ".join(f"{k} {store.split(k).labels.shape[0]}" for k in store.split_names)
     console.print(f"[green]prepared[/] {name}: {store.num_classes} classes, {counts}, {store.image_size}px at "
@@ -272,6 +332,8 @@ def datasets_split(
                                               "permutation, for datasets whose default is fixed, e.g. vtab)."),
     order: Optional[str] = typer.Option(None, "--order", help="MTIL order I or II."),
     as_json: bool = typer.Option(False, "--json"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="CILBENCH_CACHE",
+                                             help="Cache folder whose user catalog holds your datasets."),
 ) -> None:
     """Class order, increments and the classes of each task, from the catalog alone (no images needed).
 
@@ -279,6 +341,7 @@ def datasets_split(
     """
     from cilbench.data.scenario import build_scenario
 
+    _user_catalog(cache_dir)
     s = build_scenario(name, scenario, seed, class_order, order)
     info = s.describe()
     if as_json:
@@ -291,6 +354,66 @@ def datasets_split(
             console.print(f"  {t.name}: {list(t.source_labels)}")
     else:
         console.print(f"{name} order {info['order']}: " + " -> ".join(info["datasets"]))
+
+
+@datasets_app.command("add")
+def datasets_add(
+    name: str = typer.Argument(..., help="Your dataset's name: ASCII letters, digits, '-', '_' (not a built-in "
+                                         "name)."),
+    source: Path = typer.Option(..., "--source", help="DIR/train/<class>/* + DIR/test/<class>/*, or DIR/<class>/* "
+                                                       "split by --split."),
+    split: Optional[str] = typer.Option(None, "--split", help="For one folder of class folders: the seeded "
+                                        "stratified split, test_fraction=0.2,seed=1993 (the default)."),
+    description: str = typer.Option("", "--description", help="One line saying what the images are."),
+    scenario: Optional[str] = typer.Option(None, "--scenario", help="Default scenario (default: B0Inc<N/10 "
+                                           "rounded>, about ten tasks)."),
+    image_size: str = typer.Option("256", "--image-size", help="Side of the stored square images, or native "
+                                   "(every image square and of one size, e.g. 8 x 8 digits)."),
+    force: bool = typer.Option(False, "--force", help="Replace an entry of the same name."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="CILBENCH_CACHE",
+                                             help="Cache folder; its user-catalog.json holds the entry."),
+) -> None:
+    """Register a local ImageFolder as your own dataset, in the user catalog of the cache folder (JSON, no code).
+
+    It then works with datasets prepare / split / info, run, sweep (a suite YAML naming it) and table like a
+    catalog entry, with no presets and no paper numbers.
+
+    Example: [bold]cilbench datasets add flowers5 --source ~/data/flowers5 --split test_fraction=0.2,seed=1993[/]
+    """
+    from cilbench.data.store import Store
+    from cilbench.data.user_catalog import active_cache, add_dataset, catalog_path
+
+    _user_catalog(cache_dir)
+    entry, found = add_dataset(name, source, split, description, scenario, force, image_size)
+    how = "its train/ and test/" if entry["layout"] == "train-test" else \
+        "a stratified split, test_fraction={test_fraction}, seed={seed}".format(**entry["split"])
+    console.print(f"[green]added[/] {name}: {entry['num_classes']} classes, {found['train']} train / {found['test']} "
+                  f"test images ({how}), default scenario {entry['default_scenario']} -> {catalog_path()}",
+                  soft_wrap=True, highlight=False)
+    if Store.exists(active_cache() / name):
+        console.print(f"a store of {name} is already prepared: rebuild it with `cilbench datasets prepare {name} "
+                      f"--force`", soft_wrap=True, highlight=False)
+    else:
+        console.print(f"next: cilbench datasets prepare {name}", soft_wrap=True, highlight=False)
+
+
+@datasets_app.command("remove")
+def datasets_remove(
+    name: str,
+    delete_store: bool = typer.Option(False, "--delete-store", help="Also delete its prepared store."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="CILBENCH_CACHE"),
+) -> None:
+    """Remove one of your datasets from the user catalog (run records are kept; the store too, unless
+    --delete-store).
+
+    Example: [bold]cilbench datasets remove flowers5[/]
+    """
+    from cilbench.data.user_catalog import catalog_path, remove_dataset
+
+    _user_catalog(cache_dir)
+    deleted = remove_dataset(name, delete_store)
+    console.print(f"removed {name} from {catalog_path()}" + (f"; deleted its store {deleted}" if deleted else ""),
+                  soft_wrap=True, highlight=False)
 
 
 # ---------------------------------------------------------------- run
@@ -314,6 +437,7 @@ def run(
     quick: bool = typer.Option(False, "--quick", help="Smoke profile: tiny random backbone, few epochs, subset."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="CILBENCH_CACHE"),
     tag: str = typer.Option("", "--tag", help="Extra label in the record's file name."),
+    plugin: list[Path] = _plugin_option(),
 ) -> None:
     """Run one method on one benchmark and write a run record.
 
@@ -323,6 +447,7 @@ def run(
     from cilbench.engine.runner import RunOptions, Runner
     from cilbench.methods.base import parse_sets
 
+    _user_catalog(cache_dir)
     opts = RunOptions(method=method, dataset=dataset, scenario=scenario, order=order, class_order=class_order,
                       seed=seed, backbone=backbone, weights=weights, sets=parse_sets(set_), out=out, device=device,
                       resume=resume, quick=quick, cache_dir=cache_dir, tag=tag)
@@ -351,6 +476,7 @@ def bench_cmd(
     warmup: int = typer.Option(2, "--warmup", help="Untimed steps first."),
     set_: list[str] = typer.Option([], "--set", help="Override a method setting: key=value (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    plugin: list[Path] = _plugin_option(),
 ) -> None:
     """Time a method's training and inference steps on synthetic data: images/s, peak memory, FLOPs and, on
     CUDA, TFLOP/s against the device's bf16 matmul rate. CICAE is timed with batched and sequential experts.
@@ -403,10 +529,14 @@ class _progress:
             tid = self.progress.add_task(description, total=total, loss="-")
             done = 0
 
-            def update(n: int, loss: float) -> None:
+            def update(n: int, loss: float | None = None) -> None:
+                """``n`` more steps done; ``loss`` (the trainer passes it once per epoch) updates the shown loss."""
                 nonlocal done
+                if done >= total:  # finished and removed
+                    return
                 done += n
-                self.progress.update(tid, advance=n, loss=f"{loss:.4f}")
+                fields = {} if loss is None else {"loss": f"{loss:.4f}"}
+                self.progress.update(tid, advance=n, **fields)
                 if done >= total:
                     self.progress.remove_task(tid)
 
@@ -487,6 +617,7 @@ def table_cmd(
     benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b", help="Lay out a paper's table from its "
                                             "suite (benchmarks/suites/NAME.yaml; cilbench sweep --list)."),
     quick: bool = typer.Option(False, "--quick", help="With --benchmark: show the suite's quick-profile runs."),
+    plugin: list[Path] = _plugin_option(),
 ) -> None:
     """Method x dataset tables of our runs (mean ± std over seeds) beside the papers' numbers.
 
@@ -537,6 +668,7 @@ def sweep_cmd(
     list_: bool = typer.Option(False, "--list", help="List the suites."),
     restart: bool = typer.Option(False, "--restart", help="Start unfinished runs over instead of resuming their "
                                  "checkpoints (e.g. one that cannot be resumed)."),
+    plugin: list[Path] = _plugin_option(),
 ) -> None:
     """Run every run of a paper table's suite whose record is missing, one after another on this machine.
 
@@ -547,6 +679,7 @@ def sweep_cmd(
     """
     from cilbench.suites import list_suites, load_suite, sweep
 
+    _user_catalog(cache_dir)
     if list_ or suite is None:
         table = Table("suite", "paper table", "rows x columns", "runs")
         for name in list_suites():

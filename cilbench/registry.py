@@ -17,6 +17,14 @@ from cilbench.errors import CilbenchError
 T = TypeVar("T")
 
 
+class DuplicateName(ValueError):
+    """A name that is already registered (a plugin may never replace a built-in entry)."""
+
+    def __init__(self, kind: str, name: str):
+        super().__init__(f"duplicate {kind} name {name!r}")
+        self.name = name
+
+
 @dataclass
 class Entry(Generic[T]):
     name: str
@@ -41,9 +49,11 @@ class Registry(Generic[T]):
         def add(obj: T | str) -> Any:
             if name in self._entries and self._entries[name].target is not obj:
                 existing = self._entries[name]
-                # a lazy entry being filled by its own module's decorator is not a duplicate
-                if not (isinstance(existing.target, str) and not isinstance(obj, str)):
-                    raise ValueError(f"duplicate {self.kind} name {name!r}")
+                # a lazy entry being filled by its own module's decorator is not a duplicate; any other module
+                # (a plugin using a built-in's name) is refused, never silently put in its place
+                if not (isinstance(existing.target, str) and not isinstance(obj, str)
+                        and _same_module(existing.target, obj)):
+                    raise DuplicateName(self.kind, name)
                 existing.metadata = {**existing.metadata, **metadata}
                 existing.target = obj
                 return obj
@@ -53,6 +63,10 @@ class Registry(Generic[T]):
         if target is None:
             return add
         return add(target)
+
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (user catalog entries that were removed or changed, a plugin that failed to import)."""
+        self._entries.pop(name, None)
 
     def entry(self, name: str) -> Entry[T]:
         if name not in self._entries:
@@ -75,3 +89,10 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def _same_module(target: str, obj: Any) -> bool:
+    """Whether ``obj`` comes from the module (or a module inside the package) named by lazy ``target``."""
+    wanted = target.partition(":")[0]
+    module = getattr(obj, "__module__", None) or ""
+    return module == wanted or module.startswith(wanted + ".")

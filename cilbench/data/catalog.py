@@ -126,6 +126,12 @@ def register(spec: DatasetSpec | SequenceSpec) -> None:
 
 
 def get_spec(name: str) -> DatasetSpec | SequenceSpec:
+    if name not in DATASETS or DATASETS.metadata(name).get("user"):
+        # datasets added with `cilbench datasets add`: read from the user catalog (JSON under the cache folder,
+        # never code) only for names the built-in catalog does not hold
+        from cilbench.data.user_catalog import sync
+
+        sync()
     return DATASETS.get(name)
 
 
@@ -314,3 +320,6 @@ register(SequenceSpec("synthetic-mtil", "offline MTIL-shaped sequence: the 4 dom
                       orders={"I": ("synthetic/0", "synthetic/1", "synthetic/2", "synthetic/3"),
                               "II": ("synthetic/3", "synthetic/2", "synthetic/1", "synthetic/0")},
                       domains_of="synthetic"))
+
+# the catalog's own names: a user dataset never takes one, and only these are ever matched to paper numbers
+BUILTIN_DATASETS = frozenset(DATASETS.names())

@@ -1,7 +1,11 @@
 """Registered methods. The map below is lazy (name -> "module:Class") so the CLI starts without importing torch;
-each module's ``@register_method`` decorator adds the metadata when it is imported."""
+each module's ``@register_method`` decorator adds the metadata when it is imported. Methods from outside
+(``--plugin`` files, the ``cilbench.methods`` entry-point group) join through ``cilbench.plugins``; ``load_method``
+is the one way to a method class."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 from cilbench.methods.base import METHODS, Method
 
@@ -17,16 +21,41 @@ _LAZY = {
     "ranpac": "cilbench.methods.ranpac:RanPAC",
     "cicae": "cilbench.methods.cicae:CICAE",
 }
+BUILTIN_METHODS = frozenset(_LAZY)  # the published methods: a plugin may never take one of these names
 for _name, _target in _LAZY.items():
     if _name not in METHODS:
         METHODS.register(_name, _target)
 
 
 def load_method(name: str) -> type[Method]:
-    return METHODS.get(name)
+    """The method class; methods from outside (entry points, ``--plugin`` files) fail in one line naming their
+    origin (``cilbench.plugins``)."""
+    from cilbench.plugins import load_method as _load
+
+    return _load(name)
 
 
-def load_all() -> list[str]:
+def load_all(on_error: Callable[[str], None] | None = None) -> list[str]:
+    """Load every registered method and return the names. A method from outside that cannot be loaded is left out
+    and reported to ``on_error`` (one line) when given, else raised."""
+    from cilbench.errors import CilbenchError
+    from cilbench.plugins import load_requested, register_entry_points
+
+    load_requested()  # --plugin files and $CILBENCH_PLUGINS
+    register_entry_points()  # and packages installed since start-up
+    names = []
     for name in METHODS.names():
-        METHODS.get(name)
-    return METHODS.names()
+        try:
+            load_method(name)
+            names.append(name)
+        except CilbenchError as err:
+            if on_error is None:
+                raise
+            on_error(str(err))
+    return names
+
+
+# packages that declare methods in the `cilbench.methods` entry-point group: registered by name, imported on use
+from cilbench.plugins import register_entry_points  # noqa: E402
+
+register_entry_points()

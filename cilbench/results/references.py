@@ -106,9 +106,12 @@ def match_references(refs: pd.DataFrame, method: str, dataset: str, scenario: st
 
     Rows must name ``method`` (rows with an empty method are never matched) and the same dataset, scenario and
     metric; a row that names a backbone must name ours. Rows with our exact backbone come before backbone-less ones;
-    otherwise the store's order (file name, line) is kept.
+    otherwise the store's order (file name, line) is kept. Only datasets of the built-in catalog are ever matched:
+    a user dataset (``cilbench datasets add``) has no paper numbers, whatever its name.
     """
-    if refs.empty or not method:
+    from cilbench.data.catalog import BUILTIN_DATASETS
+
+    if refs.empty or not method or dataset not in BUILTIN_DATASETS:
         return refs.iloc[0:0]
     hit = refs[(refs["method"] == method) & (refs["dataset"] == dataset) & (refs["scenario"] == scenario)
                & (refs["metric"] == metric) & ((refs["backbone"] == "") | (refs["backbone"] == (backbone or "")))]

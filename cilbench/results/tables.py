@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from cilbench import metrics as metric_fns
+from cilbench.data.user_catalog import is_user_dataset
 from cilbench.errors import CilbenchError
 from cilbench.results.record import Skipped, iter_records
 from cilbench.results.references import paper_number
@@ -605,7 +606,7 @@ def _suite_cell(index: dict, row: TableRow, spec, col: TableColumn, suite_col, m
     group = index.get((row.method, col.dataset, ours, row.backbone, row.profile, config_key)) \
         if row.method and config_key is not None else None
     cell = _our_cell(group, metric)
-    if refs is not None:
+    if refs is not None and not is_user_dataset(col.dataset):  # a user dataset never shows a paper's number
         hit = refs[(refs["paper_label"] == spec.label) & (refs["dataset"] == col.dataset)
                    & (refs["scenario"] == col.scenario) & (refs["metric"] == metric)]
         if not hit.empty:
