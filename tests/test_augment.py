@@ -140,3 +140,22 @@ def test_resampling_weights_stay_in_the_box_and_widen_when_downscaling():
     assert int((up != 0).sum(2).max()) == 4 and float(up.min()) < 0  # plain bicubic taps with negative lobes
     flipped = resample_weights(start, length, 256, 50, "bilinear", torch.tensor([True, False]), quantize=False)
     assert torch.equal(flipped[0], w[0].flip(0)) and torch.equal(flipped[1], w[1])
+
+
+def test_cifar_preset_pads_crops_and_flips_like_random_crop():
+    # RandomCrop(32, padding=4) + flip: each output is a 32 x 32 window of the zero-padded 40 x 40 image, mirrored
+    # for the flipped ones; evaluation is the image as is; CIFAR-100 mean / std
+    t = PRESETS["cifar"]
+    img = torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8)
+    out = t(img, train=True, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    top, left = torch.randint(0, 9, (16,), generator=g), torch.randint(0, 9, (16,), generator=g)
+    flipped = torch.rand(16, generator=g) < 0.5
+    mean, std = torch.tensor(t.mean).view(3, 1, 1), torch.tensor(t.std).view(3, 1, 1)
+    padded = torch.nn.functional.pad(img.permute(0, 3, 1, 2).float(), (4, 4, 4, 4))
+    for i in range(16):
+        window = padded[i, :, top[i]:top[i] + 32, left[i]:left[i] + 32]
+        window = window.flip(-1) if flipped[i] else window
+        assert torch.allclose(out[i], (window / 255 - mean) / std, atol=1e-5)
+    assert flipped.any() and (~flipped).any() and (top != top[0]).any()
+    assert torch.allclose(t(img, train=False), (img.permute(0, 3, 1, 2).float() / 255 - mean) / std, atol=1e-6)

@@ -65,6 +65,7 @@ class ImageTransform:
     round_uint8: bool = True  # round each resampling pass to uint8 levels, as PIL does on uint8 images
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    pad: int = 0  # > 0: train with RandomCrop(size, padding=pad) + flip instead of RandomResizedCrop (from scratch)
 
     def __post_init__(self) -> None:
         for name in (self.interpolation, self.eval_interpolation):
@@ -87,7 +88,9 @@ class ImageTransform:
         b, s = x.shape[0], x.shape[1]
         # [B, rows, C, cols] on the 0..255 scale (C is 1 for grayscale): both passes are then plain batched matmuls
         x = x.permute(0, 1, 3, 2).contiguous().float()
-        if train:
+        if train and self.pad:
+            out = self._pad_crop(x, generator)
+        elif train:
             top, left, height, width, flipped = self.crop_boxes(b, s, generator)
             mx = _matrix(*_band(left, width, s, self.size, self.interpolation, flipped, x.device, self.round_uint8),
                          s, self.round_uint8)
@@ -115,6 +118,25 @@ class ImageTransform:
             flipped = torch.rand(b, generator=generator) < 0.5
         pixels = [torch.round(v * s).long() for v in (y0, x0, h, w)]
         return pixels[0], pixels[1], pixels[2], pixels[3], flipped
+
+    def _pad_crop(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """[B, S, C, S] -> [B, size, C, size]: torchvision's RandomCrop(size, padding=pad) (zero fill; offsets
+        uniform in 0..S + 2 pad - size, rows first) + horizontal flip with probability 1/2, no resampling."""
+        b, s = x.shape[0], x.shape[1]
+        p, n = self.pad, self.size
+        if s != n:  # RandomCrop(padding) never resizes: the store must hold images of the input size
+            raise CilbenchError(f"the pad-and-crop transform takes {n} px images, the store holds {s} px ones; use a "
+                                f"backbone of input {s} or another transform (--set transform=...)")
+        top = torch.randint(0, s + 2 * p - n + 1, (b,), generator=generator)
+        left = torch.randint(0, s + 2 * p - n + 1, (b,), generator=generator)
+        flipped = torch.rand(b, generator=generator) < 0.5 if self.flip else torch.zeros(b, dtype=torch.bool)
+        padded = torch.nn.functional.pad(x, (p, p, 0, 0, p, p))  # rows and columns; channels untouched
+        steps = torch.arange(n)
+        rows = (top[:, None] + steps).to(x.device)  # [B, n]
+        cols = left[:, None] + torch.where(flipped[:, None], n - 1 - steps, steps)
+        cols = cols.to(x.device)
+        out = padded[torch.arange(b, device=x.device)[:, None], rows]  # [B, n, C, S + 2p]
+        return out.gather(3, cols[:, None, None, :].expand(-1, n, out.shape[2], -1))
 
     def _eval(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, C, S] -> [B, size, C, size]: Resize(R) + CenterCrop(size)."""
@@ -292,6 +314,17 @@ PRESETS: dict[str, ImageTransform] = {
                                  mean=(0.5071, 0.4867, 0.4408), std=(0.2675, 0.2565, 0.2761)),
     "slca-cub": ImageTransform(size=224, scale=((224 / 300) ** 2, (224 / 300) ** 2), ratio=(1.0, 1.0),
                                interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    # From-scratch CIFAR training (PyCIL / PODNet / DER / iCaRL family, e.g. PyCIL utils/data.py iCIFAR100):
+    # RandomCrop(32, padding=4) + RandomHorizontalFlip, test = the image as is, CIFAR-100 mean / std. PyCIL also adds
+    # ColorJitter(brightness=63/255), which ImageTransform does not do (noted in the README).
+    "cifar": ImageTransform(size=32, pad=4, flip=True, eval_crop=1.0, mean=(0.5071, 0.4867, 0.4408),
+                            std=(0.2675, 0.2565, 0.2761)),
+    # From-scratch ImageNet(-100) training of the ResNet baselines (PyCIL utils/data.py iImageNet100): train
+    # RandomResizedCrop(224) (torchvision defaults: scale (0.08, 1), bilinear) + flip (+ ColorJitter(brightness=63/255),
+    # not done here); test Resize(256) + CenterCrop(224) (bilinear); ImageNet mean / std.
+    "imagenet-scratch": ImageTransform(size=224, scale=(0.08, 1.0), eval_crop=224 / 256, interpolation="bilinear",
+                                       eval_interpolation="bilinear", mean=(0.485, 0.456, 0.406),
+                                       std=(0.229, 0.224, 0.225)),
     # the --quick smoke profile (no reference): light crops, no flip, no normalisation, so a random tiny ViT can
     # learn 8x8 digits in a few epochs (crops down to 5% of the image, as PILOT's, leave almost nothing to learn from)
     "quick": ImageTransform(size=224, scale=(0.9, 1.0), flip=False, eval_crop=1.0, interpolation="bicubic",

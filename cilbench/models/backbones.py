@@ -1,16 +1,27 @@
-"""Backbones: pre-trained ViTs through timm, CLIP through open_clip, and tiny random variants of each.
+"""Backbones as registered builders: pre-trained ViTs through timm, CLIP through open_clip, networks trained from
+scratch (CIFAR / ImageNet ResNet18, a small CIFAR ViT), and tiny random variants of each.
 
 Every backbone is a ``Backbone``: ``forward(images) -> features [B, D]`` (the CLS token after the final norm for
-ViTs, the projected image embedding for CLIP), ``feature_dim``, ``input_size`` and the transform ``preset`` of its
-protocol. CLIP backbones also give ``encode_text`` and ``tokenize``. The tiny variants are built through the same
-code paths (``timm.create_model`` on the same architecture, open_clip's ``CLIP`` class with the same config shrunk),
-randomly initialised: they are what tests and ``--quick`` run on.
+ViTs, the projected image embedding for CLIP, the globally average-pooled last stage for ResNets), ``feature_dim``,
+``input_size`` and the transform ``preset`` of its protocol. CLIP backbones also give ``encode_text`` and
+``tokenize``.
+
+Each name is one function under ``@register_backbone`` (timm's ``_registry.py`` pattern): the decorator records a
+``BackboneSpec`` (what ``BACKBONES.get(name)`` returns: ``.name .family .source .tiny .preset .input_size`` and the
+builder) and ``build_backbone`` does the checks and error handling every builder shares. Variants are a few lines
+over one helper (``_timm_vit``, ``_timm_resnet``, ``_open_clip``). The tiny variants go through the same code paths
+(the same timm / open_clip classes, shrunk), randomly initialised: they are what tests and ``--quick`` run on.
+
+Kinds of weights, per spec:
+* ``hub=True``: ``pretrained=True`` downloads (or reads cached) weights from the model hub;
+* ``hub=False, random=False``: trained from scratch, randomly initialised; a ``--weights`` file may still be loaded;
+* ``random=True``: the tiny test models; no weights file applies (``is_random``).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,44 +32,44 @@ from cilbench.errors import CilbenchError, HubUnreachable
 from cilbench.hub import ensure_hub_or_offline, network_reason
 from cilbench.registry import Registry
 
+# builder(spec, download, weights): download is True when hub weights are wanted (pretrained, a hub backbone and no
+# weights file); weights is a checked local file or None
+Builder = Callable[["BackboneSpec", bool, "Path | None"], "Backbone"]
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
-    family: str  # "vit" or "clip"
-    source: str  # timm model name or open_clip "model/pretrained"
+    family: str  # "vit", "clip" or "cnn"
+    source: str  # timm model name or open_clip "model/pretrained" the builder starts from
     description: str
     tiny: str | None = None  # the tiny random variant used by --quick
-    preset: str = "pilot"
+    preset: str = "pilot"  # transform preset (cilbench.data.augment.PRESETS)
     input_size: int = 224
+    hub: bool = False  # pretrained weights come from a model hub
+    random: bool = False  # always randomly initialised; refuses a weights file
+    builder: Builder | None = field(default=None, repr=False, compare=False)
 
 
 BACKBONES: Registry[BackboneSpec] = Registry("backbone")
-for _b in [
-    BackboneSpec("vit-b16-in21k", "vit", "vit_base_patch16_224.augreg_in21k",
-                 "ViT-B/16 pre-trained on ImageNet-21k (PILOT's vit_base_patch16_224_in21k)", tiny="vit-tiny"),
-    BackboneSpec("vit-b16-in1k", "vit", "vit_base_patch16_224.augreg_in21k_ft_in1k",
-                 "ViT-B/16 IN21k fine-tuned on ImageNet-1k", tiny="vit-tiny"),
-    BackboneSpec("clip-vit-b16", "clip", "ViT-B-16-quickgelu/openai", "OpenAI CLIP ViT-B/16 (quick GELU)",
-                 tiny="clip-tiny", preset="clip"),
-    BackboneSpec("vit-tiny", "vit", "vit_base_patch16_224", "random tiny ViT (tests, --quick): 32 px, patch 8, "
-                 "2 blocks of width 48", input_size=32),
-    BackboneSpec("vit-mini", "vit", "vit_base_patch16_224", "random small ViT (cilbench bench on CPU): 64 px, "
-                 "patch 8, 4 blocks of width 192", input_size=64),
-    BackboneSpec("clip-tiny", "clip", "ViT-B-16-quickgelu", "random tiny CLIP (tests, --quick): 32 px, patch 8, "
-                 "2 + 2 blocks", preset="clip", input_size=32),
-]:
-    BACKBONES.register(_b.name, _b, family=_b.family, description=_b.description)
 
-_TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
-_RANDOM_VIT = {"vit-tiny": _TINY_VIT, "vit-mini": dict(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3)}
-_TINY_CLIP = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=48, patch_size=8, head_width=16),
-                  text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2))
+
+def register_backbone(name: str, *, family: str, source: str, description: str, preset: str = "pilot",
+                      input_size: int = 224, tiny: str | None = None, hub: bool = False,
+                      random: bool = False) -> Callable[[Builder], Builder]:
+    """Decorator: register ``fn(spec, download, weights) -> Backbone`` under ``name`` with its metadata."""
+
+    def wrap(fn: Builder) -> Builder:
+        spec = BackboneSpec(name, family, source, description, tiny, preset, input_size, hub, random, fn)
+        BACKBONES.register(name, spec, family=family, description=description)
+        return fn
+
+    return wrap
 
 
 def is_random(name: str) -> bool:
     """The tiny / mini backbones are built randomly initialised: no weights file applies to them."""
-    return name in _RANDOM_VIT or name == "clip-tiny"
+    return name in BACKBONES and BACKBONES.get(name).random
 
 
 class Backbone(nn.Module):
@@ -80,7 +91,8 @@ class Backbone(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.family == "clip":
             return self.model.encode_image(images)
-        return self.model(images)  # timm with num_classes=0 and token pooling: CLS after the final norm
+        # timm with num_classes=0: ViT -> CLS token after the final norm; ResNet -> global average pool
+        return self.model(images)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(tokens)
@@ -91,6 +103,8 @@ class Backbone(nn.Module):
         return self._tokenizer(texts)
 
 
+# ------------------------------------------------------------------------------------------------ shared helpers
+
 def _offline_hint(spec: BackboneSpec) -> HubUnreachable:
     return HubUnreachable(
         f"cannot reach the model hub to download weights for {spec.name} ({spec.source}) and they are not in the "
@@ -99,13 +113,15 @@ def _offline_hint(spec: BackboneSpec) -> HubUnreachable:
         f" for a random tiny model")
 
 
-def _load_timm_weights(model: nn.Module, path: Path, spec: BackboneSpec) -> None:
+def _load_timm_weights(model: nn.Module, path: Path, spec: BackboneSpec,
+                       classifier: tuple[str, ...] = ("head",)) -> None:
     """Load a local weights file into a timm model, refusing one that does not fit it.
 
     timm's own file loading skips missing keys silently when the classifier is removed (``num_classes=0``), so a
     wrong file would leave random weights without a word: here every backbone parameter must come from the file
-    (only classifier ``head.*`` entries may be left over). Tensors are read without unpickling code
-    (``weights_only=True``, or safetensors); ``.npz`` files (big_vision) go through timm's ViT loader."""
+    (only classifier entries, keys starting with one of ``classifier``, may be left over: ``head`` for ViTs, ``fc.``
+    for ResNets). Tensors are read without unpickling code (``weights_only=True``, or safetensors); ``.npz`` files
+    (big_vision) go through timm's ViT loader."""
     import sys
 
     if path.suffix == ".npz":
@@ -136,50 +152,153 @@ def _load_timm_weights(model: nn.Module, path: Path, spec: BackboneSpec) -> None
         raise ValueError(f"{len(reshaped)} tensors of another shape (e.g. {k}: {tuple(state[k].shape)} in the file, "
                          f"{tuple(own[k].shape)} in the model)")
     result = model.load_state_dict(state, strict=False)
-    unexpected = [k for k in result.unexpected_keys if not k.startswith("head")]
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(classifier)]
     if result.missing_keys or unexpected:
         raise ValueError(f"{len(result.missing_keys)} backbone tensors missing (e.g. "
                          f"{(result.missing_keys or ['-'])[0]}), {len(unexpected)} unexpected (e.g. "
                          f"{(unexpected or ['-'])[0]})")
 
 
+def _timm_vit(spec: BackboneSpec, download: bool, weights: Path | None, **shape) -> Backbone:
+    """A timm VisionTransformer without classifier; ``shape`` overrides the architecture (tiny / scratch ViTs)."""
+    import timm
+
+    model = timm.create_model(spec.source, pretrained=download, num_classes=0, **shape)
+    if weights is not None:
+        _load_timm_weights(model, weights, spec)
+    return Backbone(spec, model, model.num_features)
+
+
+def _timm_resnet(spec: BackboneSpec, weights: Path | None, stem: str,
+                 channels: tuple[int, ...] = (64, 128, 256, 512)) -> Backbone:
+    """timm's ResNet18 (BasicBlock, layers 2-2-2-2, global average pool, no classifier), trained from scratch.
+
+    ``stem="imagenet"``: the standard 7x7 stride-2 conv + 3x3 stride-2 max-pool (torchvision / timm ``resnet18``).
+    ``stem="cifar"``: the 3x3 stride-1 conv (padding 1, no bias) + BN + ReLU and **no max-pool** that PyCIL builds
+    for CIFAR (G-U-N/PyCIL ``convs/resnet.py``, ``ResNet.__init__``: ``'cifar' in args["dataset"]`` branch), so a
+    32 px image keeps 32 x 32 in ``layer1`` and ends 4 x 4 in ``layer4``. Initialisation as torchvision and PyCIL:
+    Kaiming-normal (fan_out, relu) convolutions, BatchNorm weight 1 / bias 0, and no zero-init of the last BN of
+    each block (PyCIL's ``zero_init_residual=False``; timm's default would zero it). Parameter names are timm's,
+    which are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1`` ...), so a torchvision / timm ResNet18 state
+    dict loads into ``resnet18`` as ``--weights``; PyCIL's own checkpoints name the stem ``conv1.0`` / ``conv1.1``
+    and would need renaming."""
+    import timm
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0, channels=channels, zero_init_last=False)
+    if stem == "cifar":  # as wide as timm's plain stem, which is 64 whatever the stage widths
+        model.conv1 = nn.Conv2d(3, model.bn1.num_features, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    if weights is not None:
+        _load_timm_weights(model, weights, spec, classifier=("fc.",))
+    return Backbone(spec, model, model.num_features)
+
+
+def _open_clip(spec: BackboneSpec, download: bool, weights: Path | None) -> Backbone:
+    import open_clip
+
+    model_name, _, tag = spec.source.partition("/")
+    source = str(weights) if weights else (tag if download else None)
+    model = open_clip.create_model(model_name, pretrained=source)
+    return Backbone(spec, model, model.visual.output_dim, open_clip.get_tokenizer(model_name))
+
+
+# ------------------------------------------------------------------------------------------------ pre-trained
+
+@register_backbone("vit-b16-in21k", family="vit", source="vit_base_patch16_224.augreg_in21k", tiny="vit-tiny",
+                   hub=True, description="ViT-B/16 pre-trained on ImageNet-21k (PILOT's vit_base_patch16_224_in21k)")
+def vit_b16_in21k(spec: BackboneSpec, download: bool, weights: Path | None) -> Backbone:
+    return _timm_vit(spec, download, weights)
+
+
+@register_backbone("vit-b16-in1k", family="vit", source="vit_base_patch16_224.augreg_in21k_ft_in1k", tiny="vit-tiny",
+                   hub=True, description="ViT-B/16 IN21k fine-tuned on ImageNet-1k")
+def vit_b16_in1k(spec: BackboneSpec, download: bool, weights: Path | None) -> Backbone:
+    return _timm_vit(spec, download, weights)
+
+
+@register_backbone("clip-vit-b16", family="clip", source="ViT-B-16-quickgelu/openai", tiny="clip-tiny", preset="clip",
+                   hub=True, description="OpenAI CLIP ViT-B/16 (quick GELU)")
+def clip_vit_b16(spec: BackboneSpec, download: bool, weights: Path | None) -> Backbone:
+    return _open_clip(spec, download, weights)
+
+
+# ------------------------------------------------------------------------------------------------ from scratch
+
+@register_backbone("resnet18-cifar", family="cnn", source="resnet18", preset="cifar", input_size=32,
+                   tiny="resnet-tiny", description="ResNet18 for 32 px CIFAR, from scratch: 3x3 stride-1 stem, no "
+                   "max-pool, 512-d pooled features (PyCIL convs/resnet.py; DER, FOSTER, PODNet, iCaRL in DNE §4)")
+def resnet18_cifar(spec: BackboneSpec, download: bool, weights: Path | None) -> Backbone:
+    return _timm_resnet(spec, weights, stem="cifar")
+
+
+@register_backbone("resnet18", family="cnn", source="resnet18", preset="imagenet-scratch", tiny="resnet-tiny",
+                   description="standard ResNet18 (7x7 stem + max-pool), from scratch (ImageNet100 baselines); "
+                   "--weights takes a torchvision / timm resnet18 state dict")
+def resnet18(spec: BackboneSpec, download: bool, weights: Path | None) -> Backbone:
+    return _timm_resnet(spec, weights, stem="imagenet")
+
+
+@register_backbone("vit-scratch-cifar", family="vit", source="vit_base_patch16_224", preset="cifar", input_size=32,
+                   tiny="vit-tiny", description="plain ViT for 32 px CIFAR, from scratch: patch 4, width 384, depth 6, "
+                   "12 heads (DyTox / DNE's size, PROTOCOLS-2 §4.1)")
+def vit_scratch_cifar(spec: BackboneSpec, download: bool, weights: Path | None) -> Backbone:
+    # DNE's ConViT / split blocks come with the DNE method; this is the plain timm ViT of the same size
+    return _timm_vit(spec, False, weights, img_size=32, patch_size=4, embed_dim=384, depth=6, num_heads=12)
+
+
+# ------------------------------------------------------------------------------------------------ tiny / random
+
+@register_backbone("vit-tiny", family="vit", source="vit_base_patch16_224", input_size=32, random=True,
+                   description="random tiny ViT (tests, --quick): 32 px, patch 8, 2 blocks of width 48")
+def vit_tiny(spec: BackboneSpec, download: bool, weights: Path | None) -> Backbone:
+    return _timm_vit(spec, False, None, img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+
+
+@register_backbone("vit-mini", family="vit", source="vit_base_patch16_224", input_size=64, random=True,
+                   description="random small ViT (cilbench bench on CPU): 64 px, patch 8, 4 blocks of width 192")
+def vit_mini(spec: BackboneSpec, download: bool, weights: Path | None) -> Backbone:
+    return _timm_vit(spec, False, None, img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3)
+
+
+@register_backbone("clip-tiny", family="clip", source="ViT-B-16-quickgelu", preset="clip", input_size=32, random=True,
+                   description="random tiny CLIP (tests, --quick): 32 px, patch 8, 2 + 2 blocks")
+def clip_tiny(spec: BackboneSpec, download: bool, weights: Path | None) -> Backbone:
+    import open_clip
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    embed_dim = 32
+    vision = CLIPVisionCfg(image_size=32, layers=2, width=48, patch_size=8, head_width=16)
+    text = CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=2)
+    model = CLIP(embed_dim, vision, text, quick_gelu=True)
+    return Backbone(spec, model, embed_dim, open_clip.get_tokenizer(spec.source))
+
+
+@register_backbone("resnet-tiny", family="cnn", source="resnet18", preset="cifar", input_size=16, random=True,
+                   description="random narrow ResNet18 (tests, --quick): 16 px, CIFAR stem, stage widths 8/16/32/64")
+def resnet_tiny(spec: BackboneSpec, download: bool, weights: Path | None) -> Backbone:
+    return _timm_resnet(spec, None, stem="cifar", channels=(8, 16, 32, 64))
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+
 def build_backbone(name: str, pretrained: bool = True, weights: str | Path | None = None) -> Backbone:
-    """Build a backbone by registry name. ``pretrained=False`` gives random weights of the real shape."""
+    """Build a backbone by registry name. ``pretrained=False`` gives random weights of the real shape; backbones
+    trained from scratch are random either way."""
     spec = BACKBONES.get(name)
     if weights is not None and not Path(weights).is_file():
         raise CilbenchError(f"no weights file {weights}")
-    is_tiny = is_random(name)
-    if weights is not None and is_tiny:
+    if weights is not None and spec.random:
         raise CilbenchError(f"--weights cannot be used with {name}: it is a randomly initialised backbone")
-    if pretrained and not is_tiny and weights is None:
+    download = pretrained and spec.hub and weights is None
+    if download:
         ensure_hub_or_offline()  # cached weights still load offline; missing ones fail at once
+    assert spec.builder is not None, f"backbone {name} has no builder"
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.CRITICAL)  # open_clip logs download failures on the root logger
     try:
-        if spec.family == "vit":
-            import timm
-
-            kwargs = dict(_RANDOM_VIT[name]) if is_tiny else {}
-            load = pretrained and not is_tiny and weights is None
-            model = timm.create_model(spec.source, pretrained=load, num_classes=0, **kwargs)
-            if weights is not None:
-                _load_timm_weights(model, Path(weights), spec)
-            return Backbone(spec, model, model.num_features)
-        import open_clip
-
-        model_name, _, tag = spec.source.partition("/")
-        tokenizer = open_clip.get_tokenizer(model_name)
-        if is_tiny:
-            from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-            cfg = _TINY_CLIP
-            model = CLIP(cfg["embed_dim"], CLIPVisionCfg(**cfg["vision_cfg"]), CLIPTextCfg(**cfg["text_cfg"]),
-                         quick_gelu=True)
-            return Backbone(spec, model, cfg["embed_dim"], tokenizer)
-        source = str(weights) if weights else (tag if pretrained else None)
-        model = open_clip.create_model(model_name, pretrained=source)
-        return Backbone(spec, model, model.visual.output_dim, tokenizer)
+        return spec.builder(spec, download, Path(weights) if weights is not None else None)
     except CilbenchError:
         raise
     except Exception as err:  # the hub libraries raise many types; sort network failures from real bugs
