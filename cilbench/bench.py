@@ -22,9 +22,9 @@ from cilbench.data.augment import PRESETS
 from cilbench.data.scenario import Task, build_scenario
 from cilbench.engine.trainer import autocast, build_optimizer, train_step
 from cilbench.errors import CilbenchError
-from cilbench.methods import load_method
-from cilbench.methods.base import resolve_config
-from cilbench.models.backbones import BACKBONES, build_backbone
+from cilbench.methods.contract import Batch
+from cilbench.models.backbones import build_backbone
+from cilbench.plan import RunOptions, RunPlan
 
 CPU_BACKBONE = "vit-mini"
 BENCH_CLASSES = 20
@@ -100,24 +100,22 @@ def bench(method_name: str, backbone: str | None, batch_size: int | None, device
     for flag, value, low in (("--batch-size", batch_size, 1), ("--steps", steps, 1), ("--warmup", warmup, 0)):
         if value is not None and value < low:
             raise CilbenchError(f"{flag} must be at least {low}, not {value}")
-    cls = load_method(method_name)
     from cilbench.methods.base import METHODS
 
-    meta = METHODS.metadata(method_name)
-    name = backbone or (meta.get("backbone", "vit-b16-in21k") if device.type == "cuda" else None)
-    if name is None:
-        name = CPU_BACKBONE if meta.get("backbone_family", "vit") == "vit" else "clip-tiny"
-    spec = BACKBONES.get(name)
-    if meta.get("backbone_family") and spec.family != meta["backbone_family"]:
-        raise CilbenchError(f"{method_name} needs a {meta['backbone_family']} backbone, not {name}")
-    cfg, _ = resolve_config(cls, "synthetic", False, dict(sets or {}))
+    meta = METHODS.metadata(method_name) if method_name in METHODS else {}
+    cpu_shapes = {"vit": CPU_BACKBONE, "clip": "clip-tiny", "cnn": "resnet-tiny"}
+    name = backbone or (None if device.type == "cuda" else cpu_shapes[meta.get("backbone_family", "vit")])
+    # the run's own construction: config, backbone choice and checks, transform preset (a random backbone here)
+    plan = RunPlan.build(RunOptions(method_name, "synthetic", backbone=name, sets=dict(sets or {})))
+    cls, cfg, name = plan.method_cls, plan.cfg, plan.backbone
     bs = batch_size or (cfg.batch_size if device.type == "cuda" else 8)
     steps = steps or (20 if device.type == "cuda" else 5)
     modes = [("batched", True), ("sequential", False)] if hasattr(cfg, "batched_experts") else [("default", None)]
     results = []
     for mode, batched in modes:
         mcfg = dataclasses.replace(cfg, batched_experts=batched) if batched is not None else cfg
-        results.append(_bench_mode(cls, mcfg, name, bs, device, steps, warmup, mode, progress))
+        results.append(_bench_mode(cls, mcfg, name, plan.transform_preset, bs, device, steps, warmup, mode,
+                                   progress))
         if device.type == "cuda":
             torch.cuda.empty_cache()
     peak = matmul_peak_tflops(device)
@@ -140,8 +138,8 @@ def bench(method_name: str, backbone: str | None, batch_size: int | None, device
     return out
 
 
-def _bench_mode(cls, cfg, backbone_name: str, bs: int, device: torch.device, steps: int, warmup: int, mode: str,
-                progress) -> ModeResult:
+def _bench_mode(cls, cfg, backbone_name: str, preset: str, bs: int, device: torch.device, steps: int, warmup: int,
+                mode: str, progress) -> ModeResult:
     torch.manual_seed(0)
     scenario = build_scenario("synthetic")
     task = scenario.tasks[0]
@@ -153,7 +151,7 @@ def _bench_mode(cls, cfg, backbone_name: str, bs: int, device: torch.device, ste
     method.before_task(task)
     method.to(device)
     size = backbone.input_size
-    transform = PRESETS[cfg.transform or backbone.spec.preset].with_size(size)
+    transform = PRESETS[preset].with_size(size)
     gen = torch.Generator().manual_seed(0)
     raw = torch.randint(0, 256, (bs, size, size, 3), dtype=torch.uint8, generator=gen).to(device)
     labels = torch.randint(0, BENCH_CLASSES, (bs,), generator=gen).to(device)
@@ -168,7 +166,8 @@ def _bench_mode(cls, cfg, backbone_name: str, bs: int, device: torch.device, ste
         method.train()
 
         def one_train():
-            if train_step(method, optimizer, transform(raw, train=True), labels, task, device) is None:
+            if train_step(method.training_step, optimizer, Batch(transform(raw, train=True), labels, task),
+                          device)[0] is None:
                 raise CilbenchError(f"bench: the {cls.name} loss is not finite on random data")
 
         train_s, train_flops = _time(one_train, warmup, steps, device, update)

@@ -41,7 +41,7 @@ def expected_config_key(method: str, dataset: str, quick: bool, sets: dict[str, 
     """The ``config_key`` a run of ``method`` on ``dataset`` with ``--set`` ``sets`` will record (suites, sweep)."""
     from cilbench.methods import load_method
 
-    return config_key(overrides(load_method(method), dataset, quick, sets), weights_sha256)
+    return config_key(overrides(load_method(method), dataset, quick, sets), weights_sha256)  # as RunPlan.build
 
 
 def describe(overrides: dict[str, Any], weights_sha256: str | None = None) -> str:

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cilbench.engine.align import align_classifiers
 from cilbench.models.adapter import AdaptedBlock, AdaptedViT
 from cilbench.models.backbones import build_backbone
 from cilbench.models.gaussian import ClassGaussians, semantic_drift
@@ -179,17 +178,30 @@ def test_semantic_drift_by_hand():
     torch.testing.assert_close(semantic_drift(before, after, mean, sigma), expected)
 
 
-def test_align_classifiers_fits_a_head_on_sampled_features():
+def test_a_sampled_phase_fits_a_head_on_features_drawn_each_epoch():
+    from types import SimpleNamespace
+
+    from cilbench.engine.trainer import run_phase
+    from cilbench.methods.base import TrainConfig
+    from cilbench.methods.contract import Phase, Sampled
+
     torch.manual_seed(0)
     g = ClassGaussians(2, ridge=1e-2)
     g.add(torch.tensor([[3.0, 0.0], [3.1, 0.1], [-3.0, 0.0], [-3.1, -0.1]]), torch.tensor([0, 0, 1, 1]))
     w = torch.nn.Parameter(torch.tensor([[0.0, 1.0], [0.0, -1.0]]))  # starts wrong
+    drawn = []
 
     def draw(epoch):
+        drawn.append(epoch)
         return g.sample(torch.tensor([0, 1]), 64, torch.Generator().manual_seed(epoch))
 
-    curve = align_classifiers([w], draw, lambda f, y: F.cross_entropy(f @ w.T, y), epochs=5, lr=0.1,
-                              batch_size=32, seed=0, weight_decay=0.0)
+    phase = Phase("align", lambda b: F.cross_entropy(b.images @ w.T, b.targets([0, 1])), [dict(params=[w])],
+                  data=Sampled(draw), epochs=5, batch_size=32, optimizer="sgd", lr=0.1, weight_decay=0.0,
+                  schedule="cosine", schedule_unit="epoch")
+    stats = run_phase(torch.nn.Module(), phase, TrainConfig(), SimpleNamespace(index=0, name="t"), None, None,
+                      torch.device("cpu"), seed=0)
+    curve = stats.epoch_terms["loss"]
+    assert drawn == [0, 1, 2, 3, 4] and stats.steps == 5 * 4  # a fresh draw per epoch, 128 samples / 32
     assert len(curve) == 5 and curve[-1] < curve[0]
     assert w[0, 0] > w[1, 0]  # class 0 now scores the positive side
 
@@ -212,11 +224,13 @@ def test_cicae_records_experts_collaboration_and_alignment(cli, tmp_path):
     assert set(rec["views"]) == {"expert1", "expert2", "expert3"}
     for view in rec["views"].values():
         assert len(view["accuracy_matrix"]) == len(rec["accuracy_matrix"]) and "A_last" in view["metrics"]
-    tasks = rec["extra"]["tasks"]
-    kl = tasks[0]["phase1_cks_kl"]
+    tasks = rec["log"]
+    kl = tasks[0]["phases"]["train"]["epochs"]["cks_kl"]
     assert kl[0] > kl[-1] > 0  # the experts disagree and the CKS term pulls them together
-    assert tasks[0]["phase2_loss"] == [] and len(tasks[1]["phase2_loss"]) == rec["config"]["ca_epochs"]
-    assert all(t["phase2_cca_kl"] for t in tasks[1:]) and all(len(t["drift_norm"]) == 3 for t in tasks[1:])
+    assert "align" not in tasks[0]["phases"]
+    assert all(len(t["phases"]["align"]["epochs"]["loss"]) == rec["config"]["ca_epochs"] for t in tasks[1:])
+    assert all(t["phases"]["align"]["epochs"]["cca_kl"] for t in tasks[1:])
+    assert all(len(t["drift_norm"]) == 3 for t in tasks[1:])
     assert all(t["expert_kl"] > 0 for t in tasks)
 
 

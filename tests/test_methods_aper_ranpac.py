@@ -23,14 +23,26 @@ from cilbench.models.backbones import build_backbone
 
 
 class FakeContext:
-    """What ``after_task`` uses of a TaskContext: features of fixed images (no transform) and a seed."""
+    """What ``after_task`` uses of a TaskContext: features of fixed images (no transform), seeds, the log."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, seed: int = 3):
-        self.images, self.labels, self.seed, self.device = images, labels, seed, torch.device("cpu")
+        self.images, self.labels, self.task_seed, self.device = images, labels, seed, torch.device("cpu")
+        self.logged: dict = {}
 
     @torch.no_grad()
     def features(self, encode):
         return encode(self.images).float(), self.labels
+
+    def seed(self, purpose: str = "") -> int:
+        from cilbench.engine.runner import LEGACY_SUB_SEEDS
+
+        return self.task_seed + LEGACY_SUB_SEEDS[purpose]
+
+    def rng(self, purpose: str = "", device=None) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed(purpose))
+
+    def log(self, **values) -> None:
+        self.logged.update(values)
 
 
 def _scenario() -> Scenario:
@@ -107,9 +119,12 @@ def test_ranpac_head_accumulates_over_tasks_and_scores_h_times_wo():
     method = RanPAC(cfg, backbone, scenario).eval()
     _tuned(method)
     data = [_images((0, 1), 10, seed=1), _images((2, 3), 10, seed=2)]
+    lams = []
     for task, (images, labels) in zip(scenario.tasks, data):
         method.before_task(task)
-        method.after_task(task, FakeContext(images, labels, seed=5 + task.index))
+        ctx = FakeContext(images, labels, seed=5 + task.index)
+        method.after_task(task, ctx)
+        lams.append(ctx.logged["ridge_lambda"])
 
     W = method.ridge.W.double()
     assert W.shape == (backbone.feature_dim, 12)
@@ -120,7 +135,7 @@ def test_ranpac_head_accumulates_over_tasks_and_scores_h_times_wo():
     Y = np.eye(4)[y.numpy()]
     G, Q = H.T @ H, H.T @ Y  # accumulated over both tasks
     expected = np.linalg.inv(G + 1.0 * np.eye(12)) @ Q  # (G + lambda I)^-1 Q, [M, C]
-    assert method.extra["ridge_lambda"] == [1.0, 1.0]
+    assert lams == [1.0, 1.0]
     np.testing.assert_allclose(method.ridge.Wo.T.double().numpy(), expected, rtol=1e-3, atol=2e-4)  # float32 features
     # inference is linear: s = ReLU(x W) W_o, on the candidate classes in the order asked
     images = data[1][0][:4]
@@ -218,7 +233,7 @@ def test_run_on_synthetic_and_adapter_tuning_schedule(cli, tmp_path, monkeypatch
         assert all(later_equal)  # frozen after the first task
     if name == "ranpac":
         assert rec["config"]["M"] == 256  # the quick profile's projection width
-        lams = rec["extra"]["ridge_lambda"]
+        lams = [t["ridge_lambda"] for t in rec["log"]]
         assert len(lams) == 4 and all(lam in [10.0 ** e for e in range(-8, 9)] for lam in lams)
     if name == "aper-adapter":
         assert rec["metrics"]["A_last"] > 30  # prototypes on real class structure beat chance (5%) by far
@@ -253,4 +268,4 @@ def test_ranpac_resume_after_sigkill_gives_identical_numbers(tmp_path):
     a = json.loads(next((tmp_path / "full").glob("*.json")).read_text())
     b = json.loads(next((tmp_path / "resumed").glob("*.json")).read_text())
     assert a["accuracy_matrix"] == b["accuracy_matrix"]
-    assert a["extra"]["ridge_lambda"] == b["extra"]["ridge_lambda"]
+    assert [t["ridge_lambda"] for t in a["log"]] == [t["ridge_lambda"] for t in b["log"]]

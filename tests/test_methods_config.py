@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from cilbench.engine.trainer import TRAINING_SETTINGS, lr_factor
+from cilbench.engine.trainer import lr_factor
+from cilbench.methods.base import TRAINING_SETTINGS
 from cilbench.methods import load_all, load_method
 from cilbench.methods.base import resolve_config
 

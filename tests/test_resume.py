@@ -40,7 +40,10 @@ def test_resume_after_sigkill_gives_identical_numbers(tmp_path, args):
     assert a["accuracy_matrix"] == b["accuracy_matrix"]
     assert a["metrics"] == b["metrics"]
     assert [t["final_loss"] for t in a["timings"]["tasks"]] == [t["final_loss"] for t in b["timings"]["tasks"]]
-    assert a["views"] == b["views"] and a["extra"] == b["extra"]
+    assert a["views"] == b["views"]
+    drop = [dict(t, phases={k: {**v, "seconds": 0} for k, v in t["phases"].items()}) for t in a["log"]], \
+        [dict(t, phases={k: {**v, "seconds": 0} for k, v in t["phases"].items()}) for t in b["log"]]
+    assert drop[0] == drop[1]  # logged values and per-epoch terms, all but wall time
     assert not list((tmp_path / "resumed" / ".checkpoints").glob("*.pt"))  # removed once the record is written
 
 

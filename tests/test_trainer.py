@@ -42,7 +42,7 @@ from types import SimpleNamespace  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from cilbench.engine.trainer import fit  # noqa: E402
+from cilbench.engine.trainer import main_phase, run_phase  # noqa: E402
 from cilbench.errors import CilbenchError  # noqa: E402
 from cilbench.methods.base import Method  # noqa: E402
 
@@ -71,16 +71,17 @@ def _fit(cfg: TrainConfig, n: int = 10, task_index: int = 0):
     lrs, decays = [], []
     real_step = trainer.train_step
 
-    def spy(method, optimizer, *args):
+    def spy(step, optimizer, *args):
         lrs.append([g["lr"] for g in optimizer.param_groups])
         decays[:] = [g["weight_decay"] for g in optimizer.param_groups]
-        return real_step(method, optimizer, *args)
+        return real_step(step, optimizer, *args)
 
     data = TaskData(np.zeros((n, 4, 4, 3), np.uint8), np.arange(n), np.zeros(n, dtype=np.int64))
     task = SimpleNamespace(index=task_index, name=f"task {task_index}")
     trainer.train_step = spy
     try:
-        fit(method, task, data, lambda x, train: x.float(), torch.device("cpu"), seed=0)
+        run_phase(method, main_phase(method, task, data), cfg, task, data, lambda x, train: x.float(),
+                  torch.device("cpu"), seed=0)
     finally:
         trainer.train_step = real_step
     return lrs, decays

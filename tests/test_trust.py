@@ -327,3 +327,8 @@ def test_a_store_copied_into_another_datasets_folder_is_refused(tmp_path):
     shutil.copytree(tmp_path / "digits", tmp_path / "synthetic")
     with pytest.raises(CilbenchError, match="holds digits with 10 classes.*synthetic has 20"):
         open_store("synthetic", tmp_path)
+
+
+def test_a_setting_the_method_never_reads_is_refused(cli, tmp_path):
+    r = cli("run", "simplecil", "--dataset", "synthetic", "--quick", "--set", "lr=0.1", "--out", tmp_path)
+    assert "simplecil does not use 'lr'" in _one_line(r)

@@ -18,10 +18,9 @@ import datetime as dt
 import hashlib
 import json
 import os
-import re
 import signal
 import time
-from dataclasses import dataclass, field
+
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,43 +29,22 @@ import torch
 
 from cilbench import metrics
 from cilbench.data.augment import PRESETS
-from cilbench.data.scenario import Scenario, Task, build_scenario
+from cilbench.data.scenario import Scenario, Task
 from cilbench.data.store import sha256_file
 from cilbench.engine.checkpoint import Checkpoint
 from cilbench.engine.evaluator import evaluate_row, extract_features
 from cilbench.engine.loader import TaskData
-from cilbench.engine.trainer import fit
+from cilbench.engine.trainer import main_phase, run_phase
 from cilbench.errors import CilbenchError
-from cilbench.identity import config_key, describe, overrides
-from cilbench.methods import load_method
-from cilbench.methods.base import Method, resolve_config
-from cilbench.models.backbones import BACKBONES, build_backbone, is_random
-from cilbench.results.record import SCHEMA_VERSION, record_filename
+from cilbench.methods.base import Method
+from cilbench.methods.contract import Phase, PhaseStats, check_log_value
+from cilbench.models.backbones import build_backbone
+from cilbench.plan import RunOptions, RunPlan  # noqa: F401 - RunOptions is re-exported
+from cilbench.results.record import SCHEMA_VERSION
 from cilbench.utils import atomic_write_json, cache_dir, check_writable, git_hash, package_versions, seed_everything
 
 QUICK_TRAIN_PER_CLASS = 40
 QUICK_TEST_PER_CLASS = 20
-MAX_SEED = 2**32 - 1  # numpy's legacy seeding (the PILOT class permutation) takes 0 .. 2**32 - 1
-_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}", re.ASCII)
-
-
-@dataclass
-class RunOptions:
-    method: str
-    dataset: str
-    scenario: str | None = None
-    order: str | None = None  # MTIL order I | II
-    class_order: str | None = None  # a fixed published order instead of the seeded permutation
-    seed: int = 1993
-    backbone: str | None = None
-    weights: str | None = None
-    sets: dict[str, str] = field(default_factory=dict)
-    out: Path = Path("results")
-    device: str = "auto"
-    resume: bool = False
-    quick: bool = False
-    cache_dir: Path | None = None
-    tag: str = ""
 
 
 def pick_device(name: str) -> torch.device:
@@ -86,34 +64,65 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_seed(seed: int, what: str = "--seed") -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise CilbenchError(f"{what} must be an integer from 0 to {MAX_SEED}, not {seed!r}")
-    return seed
-
-
 def task_seed(seed: int, task_index: int) -> int:
     return (seed * 1_000_003 + task_index * 7919) % (2**31 - 1)
 
 
-@dataclass
-class TaskContext:
-    """What ``after_task`` may use: the task's training data and shared feature extraction."""
+# Sub-seeds named before ``ctx.seed(purpose)`` existed keep their historic offsets from the task's seed, so records
+# made earlier reproduce exactly; any other purpose gets a stable hash of its name.
+LEGACY_SUB_SEEDS = {"": 0, "align": 0, "ridge-projection": 0, "ridge-holdout": 1}
 
-    task: Task
-    train: TaskData
-    device: torch.device
-    transform: Any
-    batch_size: int
-    seed: int = 0  # the task's seed, for method-side sampling (classifier alignment)
-    progress: Callable | None = None  # progress(description, total) -> update(n, loss), as the trainer's
+
+class RunTaskContext:
+    """The runner's ``methods.contract.TaskContext``: what a method may use during one task."""
+
+    def __init__(self, runner: "Runner", method: Method, task: Task, train: TaskData, seen: list[int],
+                 transform: Any, device: torch.device, seed: int, progress: Callable | None):
+        self._runner, self._method, self.task, self.train = runner, method, task, train
+        self.new = torch.tensor(sorted(task.classes), dtype=torch.long)
+        self.seen = torch.tensor(sorted(seen), dtype=torch.long)
+        self.old = self.seen[~torch.isin(self.seen, self.new)]
+        self.transform, self.device, self.task_seed, self.progress = transform, device, seed, progress
+        self.batch_size = runner.cfg.eval_batch_size
+        self.logged: dict[str, Any] = {}
+        self.phases: dict[str, dict[str, Any]] = {}
+        self.main: PhaseStats | None = None
 
     def features(self, encode: Callable[[torch.Tensor], torch.Tensor], data: TaskData | None = None,
-                 train_transform: bool = False, low_precision: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features of the task's training images (eval transform), in float32 arithmetic as the official codes
-        compute prototypes, covariances and Gram matrices; ``low_precision`` allows bf16 autocast on CUDA."""
+                 augment: bool = False, low_precision: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of ``data`` (default: the task's training images) in order, test transform unless
+        ``augment``, in float32 arithmetic as the official codes compute prototypes, covariances and Gram matrices;
+        ``low_precision`` allows bf16 autocast on CUDA."""
         return extract_features(encode, self.train if data is None else data, self.transform, self.device,
-                                self.batch_size, train_transform, low_precision)
+                                self.batch_size, augment, low_precision)
+
+    def fit(self, phase: Phase) -> PhaseStats:
+        """Run a gradient phase on the one trainer; its per-epoch loss and terms go into the task's log."""
+        if phase.name in self.phases:
+            raise ValueError(f"phase {phase.name!r} ran twice in {self.task.name}; give each phase its own name")
+        stats = run_phase(self._method, phase, self._runner.cfg, self.task, self.train, self.transform,
+                          self.device, self.task_seed if phase.seed is None else phase.seed, self.progress)
+        self.phases[phase.name] = {"steps": stats.steps, "epochs": stats.epoch_terms,
+                                   "seconds": round(stats.seconds, 4), "skipped_steps": stats.skipped_steps}
+        return stats
+
+    def seed(self, purpose: str = "") -> int:
+        """A reproducible seed for ``purpose`` in this task (same run seed, task and purpose: same seed)."""
+        if purpose in LEGACY_SUB_SEEDS:
+            return self.task_seed + LEGACY_SUB_SEEDS[purpose]
+        digest = int(hashlib.sha256(purpose.encode()).hexdigest()[:8], 16)
+        return (self.task_seed + digest) % (2**31 - 1)
+
+    def rng(self, purpose: str = "", device: torch.device | str | None = None) -> torch.Generator:
+        return torch.Generator(device=device or "cpu").manual_seed(self.seed(purpose))
+
+    def log(self, **values: Any) -> None:
+        """Values for the run record's log of this task (numbers, strings, lists and dicts of them)."""
+        for key, value in values.items():
+            self.logged[key] = check_log_value(key, value)
+
+    def record(self) -> dict[str, Any]:
+        return {"task": self.task.index, **self.logged, "phases": self.phases}
 
 
 class ScenarioData:
@@ -197,14 +206,6 @@ def _cap_per_class(rows: np.ndarray, labels: np.ndarray, cap: int, seed: int) ->
     return np.sort(np.concatenate(keep)) if keep else rows
 
 
-def _merge_tasks(scenario: Scenario) -> Scenario:
-    """The joint upper bound: one task with every class of the scenario."""
-    tasks = scenario.tasks
-    merged = Task(0, "all classes", tasks[0].dataset, tuple(c for t in tasks for c in t.classes),
-                  tuple(c for t in tasks for c in t.source_labels), tuple(n for t in tasks for n in t.class_names))
-    return dataclasses.replace(scenario, tasks=[merged], name=scenario.name)
-
-
 class Runner:
     """One run: built (and every user error found) in ``__init__`` before any data or model is loaded, then
     ``run``. ``restart_hint`` says how to start over when a checkpoint cannot be resumed (``sweep --restart``)."""
@@ -212,53 +213,20 @@ class Runner:
     def __init__(self, opts: RunOptions, console=None, restart_hint: str = "run the same command without --resume"):
         self.opts = opts
         self.console = console
-        check_seed(opts.seed)
-        if opts.tag and not _TAG.fullmatch(opts.tag):
-            raise CilbenchError(f"--tag {opts.tag[:40]!r}: use 1 to 64 ASCII letters, digits, '.', '_', '+' or '-', "
-                                f"starting with a letter or digit")
-        self.method_cls: type[Method] = load_method(opts.method)
-        meta = _method_meta(opts.method)
-        self.cfg, self.config_sources = resolve_config(self.method_cls, opts.dataset, opts.quick, opts.sets)
-        backbone = opts.backbone or meta.get("backbone", "vit-b16-in21k")
-        bspec = BACKBONES.get(backbone)
-        if meta.get("backbone_family") and bspec.family != meta["backbone_family"]:
-            raise CilbenchError(f"{opts.method} needs a {meta['backbone_family']} backbone, not {backbone}")
-        if opts.quick and bspec.tiny:
-            backbone = bspec.tiny
-        self.backbone_name = backbone
-        self.weights_sha256 = self._weights_sha256(BACKBONES.get(backbone))
-        self.scenario = build_scenario(opts.dataset, opts.scenario, opts.seed, opts.class_order, opts.order)
-        if self.method_cls.merges_tasks:
-            self.scenario = _merge_tasks(self.scenario)
-        self.kind = self.scenario.kind
-        if self.kind == "mtil" and not self.method_cls.zero_shot:
-            raise CilbenchError(f"{opts.method} cannot score datasets it has not trained on, which the MTIL matrix "
-                                f"needs for Transfer; run a CLIP method on {opts.dataset}")
+        self.plan = plan = RunPlan.build(opts)
+        self.method_cls: type[Method] = plan.method_cls
+        self.cfg, self.config_sources = plan.cfg, plan.config_sources
+        self.backbone_name, self.weights_sha256 = plan.backbone, plan.weights_sha256
+        self.scenario, self.kind = plan.scenario, plan.kind
+        self.overrides, self.config_key = plan.overrides, plan.config_key
         self.device = pick_device(opts.device)
         self.cache = cache_dir(opts.cache_dir)
-        self.overrides = overrides(self.method_cls, opts.dataset, opts.quick, opts.sets)
-        self.config_key = config_key(self.overrides, self.weights_sha256)
-        scenario_label = self.scenario.name + (f"-{opts.class_order}" if opts.class_order else "")
-        tag = opts.tag or ("quick" if opts.quick else "")
-        self.record_path = check_writable(Path(opts.out) / record_filename(
-            opts.method, opts.dataset, scenario_label, opts.seed, backbone, tag, self.config_key), "run record")
+        self.record_path = check_writable(Path(opts.out) / plan.record_name, "run record")
         self.checkpoint = Checkpoint(self.record_path.parent / ".checkpoints", self.record_path.stem, restart_hint)
         check_writable(self.checkpoint.meta_path, "checkpoint")
         self._refuse_other_config()
         self.data_identity: dict[str, Any] = {}
         self.saved_tasks = 0  # tasks covered by the checkpoint on disk (for the interrupt message)
-
-    def _weights_sha256(self, spec) -> str | None:
-        weights = self.opts.weights
-        if weights is None:
-            return None
-        if is_random(spec.name):
-            why = "--quick runs a random tiny backbone" if self.opts.quick else f"{spec.name} is a random backbone"
-            raise CilbenchError(f"--weights {weights} cannot be used here: {why}; drop --weights or --quick")
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise CilbenchError(f"no weights file {weights}")
-        return sha256_file(path)
 
     def _refuse_other_config(self) -> None:
         """A record at our path made with another configuration is never overwritten."""
@@ -270,11 +238,12 @@ class Runner:
             same = isinstance(old, dict) and old.get("config_key", "") == self.config_key and \
                 json.loads(json.dumps(old.get("config"), default=str)) == \
                 json.loads(json.dumps(dataclasses.asdict(self.cfg), default=str)) and \
-                old.get("class_order") == list(self.scenario.class_order)
+                old.get("class_order") == list(self.scenario.class_order) and \
+                (old.get("method_origin") or {}).get("sha256") == self.plan.method_origin.get("sha256")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             same = False
         if not same:
-            raise CilbenchError(f"{path} exists and was made with another configuration or class order (or is not "
+            raise CilbenchError(f"{path} exists and was made with another configuration, class order or plugin version (or is not "
                                 f"a readable record); keep both with --tag TEXT or --out DIR, or move it away")
 
     def existing_record_is_ours(self) -> bool:
@@ -291,7 +260,8 @@ class Runner:
         o = self.opts
         key = dict(method=o.method, dataset=o.dataset, scenario=self.scenario.name, order=o.class_order, seed=o.seed,
                    backbone=self.backbone_name, quick=o.quick, config=dataclasses.asdict(self.cfg),
-                   weights_sha256=self.weights_sha256, data={k: v["content_sha256"]
+                   weights_sha256=self.weights_sha256, code=self.plan.method_origin.get("sha256"),
+                   data={k: v["content_sha256"]
                                                              for k, v in self.data_identity.items()})
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -315,23 +285,20 @@ class Runner:
             self._say(f"[yellow]starting over[/]: the checkpoint {self.checkpoint.meta_path} ({done}) will be "
                       f"replaced; pass --resume to continue it instead")
         backbone = build_backbone(self.backbone_name, pretrained=True, weights=opts.weights)
-        preset = self.cfg.transform or backbone.spec.preset
-        if preset not in PRESETS:
-            raise CilbenchError(f"unknown transform preset {preset!r} ({', '.join(PRESETS)})")
-        transform = PRESETS[preset].with_size(backbone.input_size)
+        transform = PRESETS[self.plan.transform_preset].with_size(backbone.input_size)
         method = self.method_cls(self.cfg, backbone, scenario).to(device)
         matrix: list[list[float | None]] = []
         views: dict[str, list[list[float | None]]] = {}  # accuracy matrix of each extra score view
         timings: list[dict[str, Any]] = []
+        log: list[dict[str, Any]] = []  # per task: what the method logged and each phase's per-epoch terms
         first = 0
         if resumed is not None:
             first = resumed.next_task
             for task in scenario.tasks[:first]:
                 method.before_task(task)
-                method.seen_classes.extend(task.classes)
             method.to(device)
             method.load_checkpoint_state(resumed.tensors)
-            method.extra = resumed.meta["logged"]
+            log = resumed.meta["logged"]["tasks"]
             matrix, timings, views = resumed.meta["matrix"], resumed.meta["timings"], resumed.meta["views"]
             started = resumed.meta["started_at"]
             self.saved_tasks = first
@@ -342,18 +309,19 @@ class Runner:
                 self.checkpoint.legacy_path().unlink()
         for t in range(first, n):
             task = scenario.tasks[t]
-            seed_everything(task_seed(opts.seed, t))
+            seed = task_seed(opts.seed, t)
+            seed_everything(seed)
             method.before_task(task)
             method.to(device)
-            ctx = TaskContext(task, data.train[t], device, transform, self.cfg.eval_batch_size,
-                              task_seed(opts.seed, t), progress_factory)
+            seen = [c for done in scenario.tasks[:t + 1] for c in done.classes]
+            ctx = RunTaskContext(self, method, task, data.train[t], seen, transform, device, seed, progress_factory)
             t0 = time.perf_counter()
             method.eval()  # statistics hooks run without dropout, also on a resumed run's first task
             method.before_fit(task, ctx)
+            train_data = method.train_data(task, ctx)
+            aux = method.aux_streams(task, ctx)
             before_s = time.perf_counter() - t0
-            stats = fit(method, task, data.train[t], transform, device, task_seed(opts.seed, t),
-                        progress_factory)
-            method.seen_classes.extend(task.classes)
+            stats = ctx.fit(main_phase(method, task, train_data, aux))
             t0 = time.perf_counter()
             method.eval()
             method.after_task(task, ctx)
@@ -371,9 +339,10 @@ class Runner:
                                 data_wait_fraction=round(stats.data_wait_s / stats.seconds, 4)
                                 if stats.seconds > 0 else 0.0,
                                 skipped_steps=stats.skipped_steps, final_loss=stats.final_loss))
+            log.append(ctx.record())
             self._report_task(task, row, matrix, data)
             self.checkpoint.save(dict(fingerprint=self.fingerprint(), next_task=t + 1, matrix=matrix,
-                                      timings=timings, views=views, logged=method.extra, started_at=started),
+                                      timings=timings, views=views, logged={"tasks": log}, started_at=started),
                                  method.checkpoint_state())
             self.saved_tasks = t + 1
             if os.environ.get("CILBENCH_TEST_KILL_AFTER_TASK") == str(t):  # test hook: a hard kill mid-run
@@ -381,14 +350,14 @@ class Runner:
             if os.environ.get("CILBENCH_TEST_INTERRUPT_AFTER_TASK") == str(t):  # test hook: Ctrl-C mid-run
                 raise KeyboardInterrupt
         counts = [len(d) for d in data.test]
-        record = self._record(method, matrix, counts, timings, started, wall, data, views)
+        record = self._record(log, matrix, counts, timings, started, wall, data, views)
         atomic_write_json(self.record_path, record)
         self.checkpoint.remove()
         return record, self.record_path
 
     def config_label(self) -> str:
         """The run's non-default settings, readable (``lambda1=0, lambda2=0``); empty for the method's own."""
-        return describe(self.overrides, self.weights_sha256)
+        return self.plan.config_label()
 
     def interrupted_message(self, command: str) -> str:
         """What a Ctrl-C tells the user: where the last checkpoint is and the command that continues it."""
@@ -414,7 +383,7 @@ class Runner:
             self.console.print(f"[bold]{task.name}[/]: mean over datasets {np.mean(acc):.2f}, "
                                f"on {task.name} {row.accuracy[task.index]:.2f}")
 
-    def _record(self, method: Method, matrix, counts, timings, started, wall, data, views) -> dict[str, Any]:
+    def _record(self, log, matrix, counts, timings, started, wall, data, views) -> dict[str, Any]:
         opts, scenario = self.opts, self.scenario
         summary = metrics.summary(self.kind, matrix, counts if self.kind == "cil" else None)
         view_records = {name: {"accuracy_matrix": m,
@@ -430,6 +399,7 @@ class Runner:
             "status": "complete",
             "kind": self.kind,
             "method": opts.method,
+            "method_origin": self.plan.method_origin,
             "dataset": opts.dataset,
             "scenario": scenario.name,
             "class_order": scenario.class_order,
@@ -460,7 +430,7 @@ class Runner:
             "accuracy_per_task": per_task,
             "metrics": summary,
             "views": view_records,
-            "extra": method.extra,
+            "log": log,
             "timings": {"tasks": timings, "total_s": round(time.perf_counter() - wall, 3)},
             "device": device,
             "versions": package_versions(),
@@ -487,9 +457,3 @@ def _cpu_name() -> str:
     import platform
 
     return platform.processor() or "cpu"
-
-
-def _method_meta(name: str) -> dict[str, Any]:
-    from cilbench.methods.base import METHODS
-
-    return METHODS.metadata(name)

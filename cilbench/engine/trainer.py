@@ -1,14 +1,19 @@
-"""The one training loop: optimiser from the method's param groups, warmup + cosine, bf16 autocast on CUDA,
-NaN guard, progress and timings. Methods own losses and parameters; the trainer owns everything else.
+"""The one training loop, for every gradient phase: a method's main phase and any second phase (classifier
+alignment on sampled features, balanced finetuning on a memory, ...) are ``Phase``s (``methods.contract``) run by
+``run_phase``. It owns the optimiser (built from the phase's parameter groups), warmup and schedules, bf16 autocast
+on CUDA, frozen modules kept in eval mode, aux streams, the NaN guard, progress, timings, and the per-epoch means of
+the loss and of every named term a step returns (``StepOutput``). Methods own losses and parameters.
 
 Schedules move once per epoch by default (``schedule_unit="epoch"``): the lr of every group is set at the start of
 epoch ``e`` from ``e`` alone, which is what the official PTM-CIL codes get from a torch scheduler stepped after each
-epoch (``CosineAnnealingLR(T_max=epochs)``, ``MultiStepLR``). ``schedule_unit="iteration"`` (and every run counted in
-``iterations``) moves it at every optimiser step."""
+epoch (``CosineAnnealingLR(T_max=epochs)``, ``MultiStepLR``). ``schedule_unit="iteration"`` (and every phase counted
+in ``iterations``) moves it at every optimiser step.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -19,23 +24,13 @@ import torch
 from cilbench.data.augment import ImageTransform
 from cilbench.engine.loader import BatchStream, TaskData
 from cilbench.errors import CilbenchError
-from cilbench.methods.base import Batch, Method, TrainConfig
+from cilbench.methods.base import TrainConfig
+from cilbench.methods.contract import Batch, Phase, PhaseStats, Sampled, StepOutput
 
 MAX_BAD_STEPS = 10
 
 
-@dataclass
-class TrainStats:
-    steps: int = 0
-    images: int = 0
-    seconds: float = 0.0
-    data_wait_s: float = 0.0
-    skipped_steps: int = 0
-    final_loss: float | None = None
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else 0.0
+TrainStats = PhaseStats  # the main phase's statistics (older name)
 
 
 def autocast(device: torch.device):
@@ -44,33 +39,60 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-# the TrainConfig fields only gradient training reads: a method that never trains lists them as unused
-# (``unused_settings``), so ``cilbench methods info`` does not show them
-TRAINING_SETTINGS: tuple[str, ...] = (
-    "epochs", "first_epochs", "iterations", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
-    "first_weight_decay", "schedule", "schedule_unit", "lr_milestones", "lr_gamma", "warmup_epochs",
-    "warmup_iterations", "min_lr", "label_smoothing")
+@dataclass(frozen=True)
+class Settings:
+    """A phase's effective settings: the phase's own where it sets them, else the method config's."""
+
+    epochs: int
+    iterations: int | None
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    schedule: str
+    schedule_unit: str
+    warmup_epochs: float
+    warmup_iterations: int
+    min_lr: float
+    lr_milestones: tuple[int, ...]
+    lr_gamma: float
+
+    @classmethod
+    def of(cls, phase: Phase, cfg: TrainConfig) -> "Settings":
+        own = {f.name: getattr(phase, f.name) for f in dataclasses.fields(cls) if hasattr(phase, f.name)}
+        values = {name: own[name] if own.get(name) is not None else getattr(cfg, name)
+                  for name in (f.name for f in dataclasses.fields(cls))}
+        if phase.warmup_epochs is not None or phase.iterations is not None:
+            values["warmup_iterations"] = 0 if phase.warmup_epochs is not None else values["warmup_iterations"]
+        values["lr_milestones"] = tuple(values["lr_milestones"])
+        s = cls(**values)
+        if s.schedule not in SCHEDULES:
+            raise CilbenchError(f"unknown schedule {s.schedule!r} ({', '.join(SCHEDULES)})")
+        if s.schedule_unit not in SCHEDULE_UNITS:
+            raise CilbenchError(f"unknown schedule_unit {s.schedule_unit!r} ({', '.join(SCHEDULE_UNITS)})")
+        return s
 
 
-def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig,
+def build_optimizer(groups: list[dict[str, Any]], s: Settings | TrainConfig,
                     weight_decay: float | None = None) -> torch.optim.Optimizer:
-    """The optimiser over the trainable parameters of ``groups``; a group without ``lr`` takes ``cfg.lr``, one
-    without ``weight_decay`` takes ``weight_decay`` (default ``cfg.weight_decay``)."""
-    weight_decay = cfg.weight_decay if weight_decay is None else weight_decay
+    """The optimiser over the trainable parameters of ``groups``; a group without ``lr`` takes ``s.lr``, one
+    without ``weight_decay`` takes ``weight_decay`` (default ``s.weight_decay``)."""
+    weight_decay = s.weight_decay if weight_decay is None else weight_decay
     groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("param_groups returned no trainable parameters")
     for g in groups:
-        g.setdefault("lr", cfg.lr)
-    name = cfg.optimizer.lower()
+        g.setdefault("lr", s.lr)
+    name = s.optimizer.lower()
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(groups, lr=s.lr, weight_decay=weight_decay)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=weight_decay)
-    raise CilbenchError(f"unknown optimizer {cfg.optimizer!r} (sgd, adamw, adam)")
+        return torch.optim.Adam(groups, lr=s.lr, weight_decay=weight_decay)
+    raise CilbenchError(f"unknown optimizer {s.optimizer!r} (sgd, adamw, adam)")
 
 
 SCHEDULES = ("cosine", "constant", "step")
@@ -92,17 +114,19 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_step(method: Method, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, task,
-               device: torch.device) -> torch.Tensor | None:
-    """One optimiser step on a transformed batch; the detached loss, or None (no step) when it is not finite."""
-    with autocast(device):
-        loss = method.training_step(Batch(images, labels, task))
+def train_step(step: Callable[[Batch], Any], optimizer: torch.optim.Optimizer, batch: Batch, device: torch.device,
+               low_precision: bool = True) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """One optimiser step: the detached loss (None, and no step, when it is not finite) and the step's named terms."""
+    with autocast(device) if low_precision else contextlib.nullcontext():
+        out = step(batch)
+    loss, terms = (out.loss, out.terms) if isinstance(out, StepOutput) else (out, {})
     optimizer.zero_grad(set_to_none=True)
     if not torch.isfinite(loss):
-        return None
+        return None, {}
     loss.backward()
     optimizer.step()
-    return loss.detach()
+    return loss.detach(), {k: v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+                           for k, v in terms.items()}
 
 
 def weight_decay_for(cfg: TrainConfig, task) -> float:
@@ -113,76 +137,173 @@ def weight_decay_for(cfg: TrainConfig, task) -> float:
     return cfg.weight_decay
 
 
-def epoch_schedule(cfg: TrainConfig, epochs: int) -> tuple[int, int]:
+def epoch_schedule(s: Settings) -> tuple[int, int]:
     """(total, warmup) of a schedule stepped once per epoch; warmup must be whole epochs."""
-    if cfg.warmup_iterations:
+    if s.warmup_iterations:
         raise CilbenchError("warmup_iterations counts optimiser steps: use it with --set schedule_unit=iteration, "
                             "or warm up in whole epochs (warmup_epochs)")
-    if cfg.warmup_epochs != int(cfg.warmup_epochs):
-        raise CilbenchError(f"warmup_epochs={cfg.warmup_epochs:g} is not a whole number of epochs, which a schedule "
+    if s.warmup_epochs != int(s.warmup_epochs):
+        raise CilbenchError(f"warmup_epochs={s.warmup_epochs:g} is not a whole number of epochs, which a schedule "
                             f"stepped per epoch needs; use --set schedule_unit=iteration")
-    return epochs, int(cfg.warmup_epochs)
+    return s.epochs, int(s.warmup_epochs)
 
 
-def _diverged(task, bad: int) -> CilbenchError:
-    return CilbenchError(f"training diverged on {task.name}: the loss was not finite for the last {bad} steps; "
-                         f"lower the learning rate (--set lr=...)")
+def _diverged(task, phase: Phase, bad: int) -> CilbenchError:
+    what = "training" if phase.name == "train" else f"the {phase.name} phase"
+    return CilbenchError(f"{what} diverged on {task.name}: the loss was not finite for the last {bad} steps; "
+                         f"{phase.divergence_hint}")
 
 
-def fit(method: Method, task, data: TaskData, transform: ImageTransform, device: torch.device, seed: int,
-        progress: Callable[[str, int], Callable[[int, float], None]] | None = None) -> TrainStats:
-    """Train ``method`` on one task's data. ``progress(description, total_steps)`` returns an ``update(n, loss)``."""
-    stats = TrainStats()
-    cfg: TrainConfig = method.cfg
-    if cfg.schedule not in SCHEDULES:
-        raise CilbenchError(f"unknown schedule {cfg.schedule!r} ({', '.join(SCHEDULES)})")
-    if cfg.schedule_unit not in SCHEDULE_UNITS:
-        raise CilbenchError(f"unknown schedule_unit {cfg.schedule_unit!r} ({', '.join(SCHEDULE_UNITS)})")
-    groups = method.param_groups(task)
-    if not groups or len(data) == 0:
+class _Epochs:
+    """Per-epoch batches of a phase's data: store images (shuffled, transformed on the device) or ``Sampled``
+    inputs drawn afresh each epoch (shuffled with one generator for the phase, used as they are)."""
+
+    def __init__(self, data: Any, batch_size: int, transform: ImageTransform, augment: bool, device: torch.device,
+                 seed: int, task_index: int):
+        self.data, self.bs, self.transform, self.augment = data, batch_size, transform, augment
+        self.device, self.seed, self.task_index = device, seed, task_index
+        self.sampled = isinstance(data, Sampled)
+        self.gen = torch.Generator().manual_seed(seed) if self.sampled else None
+        self.wait_s = 0.0
+        self._first: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def steps_per_epoch(self) -> int:
+        if self.sampled:
+            self._first = self.data.draw(0)
+            return max(1, -(-self._first[1].shape[0] // self.bs))
+        return max(1, -(-len(self.data) // self.bs))
+
+    def __len__(self) -> int:
+        return 0 if not self.sampled and len(self.data) == 0 else 1
+
+    def batches(self, epoch: int):
+        """(inputs, labels) of each step of ``epoch``; inputs are images transformed for training or sampled."""
+        if self.sampled:
+            inputs, labels = self._first if (epoch == 0 and self._first is not None) else self.data.draw(epoch)
+            self._first = None
+            n = labels.shape[0]
+            order = torch.randperm(n, generator=self.gen).to(labels.device)
+            dim = self.data.batch_dim % inputs.dim()
+            for i in range(-(-n // self.bs)):
+                idx = order[i * self.bs:(i + 1) * self.bs]
+                yield inputs.index_select(dim, idx), labels[idx]
+            return
+        stream = BatchStream(self.data, self.bs, self.device, shuffle=True, seed=(self.seed, self.task_index, epoch))
+        try:
+            for raw in stream:
+                yield self.transform(raw.images, train=self.augment), raw.labels
+        finally:
+            self.wait_s += stream.wait_s
+
+
+class _Aux:
+    """One batch of each aux stream per step, cycling through each stream's shuffled epochs."""
+
+    def __init__(self, streams: dict[str, Any], batch_size: int, transform: ImageTransform, device: torch.device,
+                 seed: int, task_index: int):
+        self.streams = {name: (data, iter(())) for name, data in streams.items()}
+        self.epochs = {name: 0 for name in streams}
+        self.bs, self.transform, self.device, self.seed, self.task_index = batch_size, transform, device, seed, \
+            task_index
+
+    def next(self, task) -> dict[str, Batch]:
+        out = {}
+        for k, (name, (data, it)) in enumerate(self.streams.items()):
+            raw = next(it, None)
+            if raw is None:
+                it = iter(BatchStream(data, self.bs, self.device, shuffle=True,
+                                      seed=(self.seed, self.task_index, 1000 + k, self.epochs[name])))
+                self.epochs[name] += 1
+                self.streams[name] = (data, it)
+                raw = next(it)
+            out[name] = Batch(self.transform(raw.images, train=True), raw.labels, task)
+        return out
+
+
+def main_phase(method, task, data: Any, aux: dict[str, Any] | None = None) -> Phase:
+    """The main phase of a task, from the method's hooks: its data, parameter groups, step, epochs (``first_epochs``
+    on the first task), weight decay (``first_weight_decay`` on the first task), aux streams, ``after_step`` and
+    frozen modules."""
+    return Phase("train", method.training_step, method.param_groups(task), data=data, epochs=method.epochs_for(task),
+                 weight_decay=weight_decay_for(method.cfg, task), aux=aux or {}, after_step=method.after_step,
+                 frozen=tuple(method.frozen_modules()))
+
+
+def run_phase(method: torch.nn.Module, phase: Phase, cfg: TrainConfig, task, train_data: TaskData,
+              transform: ImageTransform, device: torch.device, seed: int,
+              progress: Callable[[str, int], Callable[[int, float | None], None]] | None = None) -> PhaseStats:
+    """Run one gradient phase. ``train_data`` is the data of a phase that names none; ``seed`` the task's seed
+    (image phases shuffle with (seed, task, epoch); sampled phases with one generator seeded by ``phase.seed``)."""
+    stats = PhaseStats()
+    s = Settings.of(phase, cfg)
+    data = train_data if phase.data is None else phase.data
+    seed = seed if phase.seed is None else phase.seed
+    epochs = _Epochs(data, s.batch_size, transform, phase.augment, device, seed, task.index)
+    if not phase.params or not len(epochs):
         return stats
-    optimizer = build_optimizer(groups, cfg, weight_decay_for(cfg, task))
+    optimizer = build_optimizer(phase.params, s)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    steps_per_epoch = max(1, -(-len(data) // cfg.batch_size))
-    total = cfg.iterations or method.epochs_for(task) * steps_per_epoch
-    per_epoch = cfg.schedule_unit == "epoch" and not cfg.iterations
+    steps_per_epoch = epochs.steps_per_epoch()
+    total = s.iterations or s.epochs * steps_per_epoch
+    if total <= 0:
+        return stats
+    per_epoch = s.schedule_unit == "epoch" and not s.iterations
     if per_epoch:  # the schedule counts epochs: one lr per epoch
-        sched_total, warmup = epoch_schedule(cfg, method.epochs_for(task))
+        sched_total, warmup = epoch_schedule(s)
         sched_steps_per_epoch = 1
     else:
         sched_total, sched_steps_per_epoch = total, steps_per_epoch
-        warmup = cfg.warmup_iterations or int(round(cfg.warmup_epochs * steps_per_epoch))
-    min_ratio = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
-    update = progress(f"train {task.name}", total) if progress else (lambda n, loss: None)
-    method.train()
+        warmup = s.warmup_iterations or int(round(s.warmup_epochs * steps_per_epoch))
+    min_ratio = s.min_lr / s.lr if s.lr > 0 else 0.0
+    label = f"{phase.name} {task.name}" if phase.name != "train" else f"train {task.name}"
+    update = progress(label, total) if progress else (lambda n, loss: None)
+    low_precision = not epochs.sampled  # sampled features are float32 statistics: no bf16 there
+    if not epochs.sampled:  # an image phase trains the model; a sampled phase leaves modes as the method set them
+        method.train()
+    for module in phase.frozen:
+        module.eval()
+    aux = _Aux(dict(phase.aux), s.batch_size, transform, device, seed, task.index) if phase.aux else None
     bad = 0
     start = time.perf_counter()
     epoch = 0
+    last: torch.Tensor | None = None
     while stats.steps < total:
-        stream = BatchStream(data, cfg.batch_size, device, shuffle=True, seed=(seed, task.index, epoch))
-        for raw in stream:
+        sums: dict[str, torch.Tensor] = {}
+        counted = 0
+        for inputs, labels in epochs.batches(epoch):
             if stats.steps >= total:
                 break
-            factor = lr_factor(epoch if per_epoch else stats.steps, sched_total, warmup, cfg.schedule, min_ratio,
-                               sched_steps_per_epoch, tuple(cfg.lr_milestones), cfg.lr_gamma)
+            factor = lr_factor(epoch if per_epoch else stats.steps, sched_total, warmup, s.schedule, min_ratio,
+                               sched_steps_per_epoch, s.lr_milestones, s.lr_gamma)
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * factor
-            loss = train_step(method, optimizer, transform(raw.images, train=True), raw.labels, task, device)
+            batch = Batch(inputs, labels, task, aux.next(task) if aux else {})
+            loss, terms = train_step(phase.step, optimizer, batch, device, low_precision)
             if loss is None:
                 bad += 1
                 stats.skipped_steps += 1
                 if bad >= MAX_BAD_STEPS:
-                    raise _diverged(task, bad)
+                    raise _diverged(task, phase, bad)
             else:
                 bad = 0
-                stats.final_loss = float(loss)
+                last = loss
+                counted += 1
+                for name, value in (("loss", loss), *terms.items()):
+                    sums[name] = sums[name] + value.float() if name in sums else value.float()
+                if phase.after_step is not None:
+                    phase.after_step(stats.steps)
             stats.steps += 1
-            stats.images += len(raw.labels)
-            update(1, stats.final_loss if stats.final_loss is not None else float("nan"))
-        stats.data_wait_s += stream.wait_s
+            stats.images += int(labels.shape[0])
+            update(1, None)
+        if counted:  # one host sync per epoch, not per step
+            for name, total_value in sums.items():
+                stats.epoch_terms.setdefault(name, []).append(round(float(total_value) / counted, 6))
+            stats.final_loss = float(last)
+            update(0, stats.final_loss)
         epoch += 1
-    if bad:  # the task ended on non-finite losses: the weights are broken, not a transient spike
-        raise _diverged(task, bad)
+    stats.data_wait_s = epochs.wait_s
+    if bad:  # the phase ended on non-finite losses: the weights are broken, not a transient spike
+        raise _diverged(task, phase, bad)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats.seconds = time.perf_counter() - start

@@ -20,6 +20,7 @@ _LAZY = {
     "aper-adapter": "cilbench.methods.aper:AperAdapter",
     "ranpac": "cilbench.methods.ranpac:RanPAC",
     "cicae": "cilbench.methods.cicae:CICAE",
+    "icarl": "cilbench.methods.icarl:ICaRL",
 }
 BUILTIN_METHODS = frozenset(_LAZY)  # the published methods: a plugin may never take one of these names
 for _name, _target in _LAZY.items():

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from cilbench.errors import CilbenchError
+from cilbench.methods.contract import Batch, Data, StepResult, TaskContext  # noqa: F401 - Batch re-exported
 from cilbench.registry import Registry
 
 
@@ -63,6 +64,14 @@ class TrainConfig:
     SIGNED: ClassVar[frozenset[str]] = frozenset()
 
 
+# the TrainConfig fields only gradient training reads: a method that never trains lists them as unused
+# (``Method.unused_settings``), so ``cilbench methods info`` hides them and ``--set`` refuses them
+TRAINING_SETTINGS: tuple[str, ...] = (
+    "epochs", "first_epochs", "iterations", "batch_size", "optimizer", "lr", "momentum", "weight_decay",
+    "first_weight_decay", "schedule", "schedule_unit", "lr_milestones", "lr_gamma", "warmup_epochs",
+    "warmup_iterations", "min_lr", "label_smoothing")
+
+
 @dataclass
 class AdapterConfig(TrainConfig):
     """TrainConfig plus the shape of the AdaptFormer adapters (``cilbench.models.adapter``), for adapter methods."""
@@ -78,17 +87,11 @@ class AdapterConfig(TrainConfig):
         return AdaptedViT(backbone, num_experts, self.bottleneck, self.adapter_scale, self.adapter_dropout)
 
 
-@dataclass
-class Batch:
-    images: torch.Tensor  # float [B, 3, H, W], transformed on the device
-    labels: torch.Tensor  # int64 global class ids
-    task: Any  # the Task being trained
-
-
 class Method(nn.Module):
     Config: ClassVar[type] = TrainConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     quick: ClassVar[dict[str, Any]] = {}
+    unused_settings: ClassVar[tuple[str, ...]] = ()  # TrainConfig fields this method never reads
     merges_tasks: ClassVar[bool] = False  # train on all classes as one task (the joint upper bound)
     zero_shot: ClassVar[bool] = False  # can score classes it was never trained on (needed by MTIL Transfer)
     checkpoint_excludes: ClassVar[tuple[str, ...]] = ()  # state-dict prefixes that never change (frozen backbone)
@@ -99,26 +102,40 @@ class Method(nn.Module):
         self.cfg = cfg
         self.backbone = backbone
         self.scenario = scenario
-        self.seen_classes: list[int] = []
-        self.extra: dict[str, Any] = {}  # method-specific curves for the run record
 
-    # ---- hooks, in the order the runner calls them ----
+    # ---- hooks, in the order the runner calls them (methods.contract has the whole list) ----
     def before_task(self, task) -> None:
         """Grow structure for ``task`` (heads, adapters). Structural only: it is replayed on resume."""
 
-    def before_fit(self, task, ctx) -> None:
-        """Just before training on ``task``, with its data (``ctx`` as in ``after_task``): e.g. features before
-        tuning for semantic-drift estimation. Not replayed on resume (a checkpoint falls between tasks)."""
+    def before_fit(self, task, ctx: TaskContext) -> None:
+        """Just before training on ``task``: e.g. features before tuning for semantic-drift estimation. Not
+        replayed on resume (a checkpoint falls between tasks)."""
+
+    def train_data(self, task, ctx: TaskContext) -> Data:
+        """The data of the main phase: the task's own by default; replay joins it with the memory's."""
+        return ctx.train
+
+    def aux_streams(self, task, ctx: TaskContext) -> dict[str, Data]:
+        """Further data streams, one batch of each per step in ``Batch.aux`` (ZSCL's reference images)."""
+        return {}
 
     def param_groups(self, task) -> list[dict[str, Any]]:
         """Optimiser parameter groups for this task, each ``dict(params=..., lr=...)``; [] means no training."""
         return []
 
-    def training_step(self, batch: Batch) -> torch.Tensor:
+    def frozen_modules(self) -> list[nn.Module]:
+        """Modules the trainer keeps in eval mode while training (frozen batch norm, a teacher)."""
+        return []
+
+    def training_step(self, batch: Batch) -> StepResult:
+        """The loss of one batch, or ``StepOutput(loss, terms)`` with named terms for the record."""
         raise NotImplementedError(f"{type(self).__name__} trains but has no training_step")
 
-    def after_task(self, task, ctx) -> None:
-        """After training on ``task``: statistics, prototypes, freezing."""
+    def after_step(self, step: int) -> None:
+        """After each optimiser step of the main phase (weight averaging)."""
+
+    def after_task(self, task, ctx: TaskContext) -> None:
+        """After training on ``task``: statistics, prototypes, memory, second phases (``ctx.fit``)."""
 
     def logits(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """Scores [B, len(classes)] of the candidate global class ids ``classes``."""
@@ -222,6 +239,9 @@ def resolve_config(cls: type[Method], dataset: str, quick: bool, sets: dict[str,
             close = difflib.get_close_matches(key, list(types_), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise CilbenchError(f"method {cls.name} has no setting {key!r}{hint}")
+        if key in cls.unused_settings:
+            raise CilbenchError(f"--set {key}: {cls.name} does not use {key!r} (cilbench methods info {cls.name} "
+                                f"lists its settings)")
         values[key] = _coerce(key, text, types_[key])
     cfg = cls.Config(**values)
     validate_config(cfg, set(sets))

@@ -40,9 +40,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from cilbench.engine.align import align_classifiers
 from cilbench.errors import CilbenchError
 from cilbench.methods.base import AdapterConfig, Method, register_method
+from cilbench.methods.contract import Phase, Sampled, StepOutput
 from cilbench.models.gaussian import ClassGaussians, semantic_drift
 from cilbench.models.heads import CosineHead
 from cilbench.models.losses import cosine_ce, margin_cosine_ce, pairwise_kl
@@ -122,7 +122,6 @@ class CICAE(Method):
         dim = backbone.feature_dim
         self.heads = nn.ModuleList(CosineHead(dim) for _ in range(k))
         self.stats = nn.ModuleList(ClassGaussians(dim, cfg.cov_ridge) for _ in range(k))
-        self._terms: list[torch.Tensor] = []  # per step: (sum of CE, CKS), kept on the device until after_task
         self._before: torch.Tensor | None = None
 
     # ---- structure and phase 1 ----
@@ -147,15 +146,14 @@ class CICAE(Method):
         cfg, task = self.cfg, batch.task
         dev = batch.labels.device
         task_classes = torch.tensor(task.classes, device=dev)
-        scope = task_classes if cfg.kl_scope == "task" else torch.tensor(sorted(self.seen_classes + list(task.classes)),
-                                                                         device=dev)
+        scope = task_classes if cfg.kl_scope == "task" else torch.tensor(
+            sorted(self.scenario.seen_classes(task.index)), device=dev)
         cos = self.expert_cosines(self.features(batch.images), scope)  # [K, B, C]
         cols = torch.searchsorted(scope, task_classes) if cfg.kl_scope == "seen" else slice(None)
-        targets = torch.searchsorted(task_classes, batch.labels)
+        targets = batch.targets(task_classes)
         ce = sum(margin_cosine_ce(c[:, cols], targets, cfg.s, cfg.m) for c in cos)
         kl = pairwise_kl(cos / cfg.kl_tau)
-        self._terms.append(torch.stack([ce.detach(), kl.detach()]))
-        return ce + cfg.lambda1 * kl
+        return StepOutput(ce + cfg.lambda1 * kl, {"ce": ce, "cks_kl": kl})
 
     # ---- statistics, drift and phase 2 ----
     def _encode_all(self, images: torch.Tensor) -> torch.Tensor:
@@ -166,13 +164,12 @@ class CICAE(Method):
         return feats.view(len(labels), self.cfg.num_experts, -1).transpose(0, 1), labels  # [K, N, D]
 
     def before_fit(self, task, ctx):
-        self._terms = []
         self._before = self._expert_features(ctx)[0] if task.index > 0 and self.cfg.semantic_shift else None
 
     def after_task(self, task, ctx):
         cfg = self.cfg
         after, labels = self._expert_features(ctx)
-        old = torch.tensor(self.seen_classes[: len(self.seen_classes) - len(task.classes)], device=labels.device)
+        old = ctx.old.to(labels.device)
         drift = []
         for k, stats in enumerate(self.stats):
             if self._before is not None and len(old):
@@ -181,55 +178,36 @@ class CICAE(Method):
                 drift.append(float(delta.norm(dim=1).mean()))
             stats.add(after[k], labels)
         self._before = None
-        ca = self._align(task, ctx) if task.index > 0 else {}
-        seen = torch.tensor(sorted(self.seen_classes), device=labels.device)
+        if task.index > 0 and cfg.ca_epochs > 0:  # no alignment on the first task (SSIAT, SLCA)
+            ctx.fit(self.alignment(ctx.seen.to(labels.device), ctx.seed("align")))
         with torch.no_grad():  # how far apart the experts end: CKS on the task's images, eval mode, seen classes
-            agreement = float(pairwise_kl(self.expert_cosines(after, seen) / cfg.kl_tau))
-        self._log(task, ctx, drift, ca, agreement)
+            agreement = float(pairwise_kl(self.expert_cosines(after, ctx.seen.to(labels.device)) / cfg.kl_tau))
+        ctx.log(expert_kl=round(agreement, 6), drift_norm=[round(d, 6) for d in drift],
+                trainable_parameters=sum(p.numel() for k in range(cfg.num_experts)
+                                         for p in self.vit.expert_parameters(k))
+                + sum(p.numel() for h in self.heads for p in h.parameters()))
 
-    def _align(self, task, ctx) -> dict:
+    def alignment(self, seen: torch.Tensor, seed: int) -> Phase:
+        """Phase 2 (eq. 5-7): the heads on features sampled from each expert's own Gaussians, the i-th samples of
+        the experts paired by class; SGD with the method's momentum and weight decay, cosine per epoch."""
         cfg = self.cfg
-        seen = torch.tensor(sorted(self.seen_classes), device=ctx.device)
-        kl_log: list[torch.Tensor] = []
 
-        def draw(epoch: int):
-            gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 7919 * (epoch + 1))
+        def draw(epoch: int):  # a fresh sample set per epoch, reproducible from the phase's seed and the epoch
+            gen = torch.Generator(device=seen.device).manual_seed(seed + 7919 * (epoch + 1))
             samples = [stats.sample(seen, cfg.ca_samples_per_class, gen) for stats in self.stats]
             return torch.stack([f for f, _ in samples]), samples[0][1]  # [K, M, D], [M]
 
-        def loss(feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            cos = self.expert_cosines(feats, seen)
-            targets = torch.searchsorted(seen, labels)
+        def step(batch):
+            cos = self.expert_cosines(batch.images, seen)
+            targets = batch.targets(seen)
             kl = pairwise_kl(cos / cfg.kl_tau)
-            kl_log.append(kl.detach())
-            return sum(cosine_ce(c, targets, cfg.tau) for c in cos) + cfg.lambda2 * kl
+            return StepOutput(sum(cosine_ce(c, targets, cfg.tau) for c in cos) + cfg.lambda2 * kl, {"cca_kl": kl})
 
         params = [p for head in self.heads for p in head.parameters()]
-        curve = align_classifiers(params, draw, loss, cfg.ca_epochs, cfg.ca_lr, cfg.ca_batch_size, ctx.seed,
-                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay, progress=ctx.progress,
-                                  label=f"align {task.name}")
-        per_epoch = torch.stack(kl_log).view(cfg.ca_epochs, -1).mean(1).tolist() if kl_log else []
-        return dict(loss=curve, cca_kl=per_epoch)
-
-    def _log(self, task, ctx, drift, ca, agreement: float) -> None:
-        steps = len(self._terms)
-        epochs = max(1, self.epochs_for(task))
-        per_epoch = {"ce": [], "cks_kl": []}
-        if steps:
-            terms = torch.stack(self._terms).float().cpu()  # [steps, 2]
-            for chunk in terms.tensor_split(min(epochs, steps)):
-                per_epoch["ce"].append(round(float(chunk[:, 0].mean()), 6))
-                per_epoch["cks_kl"].append(round(float(chunk[:, 1].mean()), 6))
-        self._terms = []
-        log = self.extra.setdefault("tasks", [])
-        log.append(dict(task=task.index, expert_kl=round(agreement, 6),
-                        phase1_ce=per_epoch["ce"], phase1_cks_kl=per_epoch["cks_kl"],
-                        drift_norm=[round(d, 6) for d in drift],
-                        phase2_loss=[round(v, 6) for v in ca.get("loss", [])],
-                        phase2_cca_kl=[round(v, 6) for v in ca.get("cca_kl", [])]))
-        self.extra["trainable_parameters"] = sum(p.numel() for k in range(self.cfg.num_experts)
-                                                 for p in self.vit.expert_parameters(k)) + \
-            sum(p.numel() for h in self.heads for p in h.parameters())
+        return Phase("align", step, [dict(params=params, lr=cfg.ca_lr)], data=Sampled(draw, batch_dim=-2),
+                     epochs=cfg.ca_epochs, batch_size=cfg.ca_batch_size, optimizer="sgd", lr=cfg.ca_lr,
+                     schedule="cosine", schedule_unit="epoch", warmup_epochs=0, min_lr=0.0, seed=seed,
+                     divergence_hint="lower ca_lr (--set ca_lr=...)")
 
     # ---- inference ----
     def score_views(self, images, classes):

@@ -136,9 +136,8 @@ class EASE(Method):
 
     def training_step(self, batch):
         classes = torch.tensor(batch.task.classes, device=batch.labels.device)
-        targets = torch.searchsorted(classes, batch.labels)
         feats = self.vit(batch.images, experts=[self.vit.num_experts - 1])[0]  # only the new adapter
-        return F.cross_entropy(self.proxy(feats), targets)
+        return F.cross_entropy(self.proxy(feats), batch.targets(classes))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """[S, B, D]: the PTM's (with use_init_ptm) and every adapter's features, adapters in one batched pass."""

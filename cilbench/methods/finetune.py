@@ -78,8 +78,8 @@ class Finetune(Method):
             classes = torch.tensor(task.classes, device=batch.labels.device)
         else:
             classes = torch.arange(task.classes[-1] + 1, device=batch.labels.device)
-        targets = torch.searchsorted(classes, batch.labels)  # classes are sorted global ids
         logits = self.head(self.backbone(batch.images), classes)
+        targets = batch.targets(classes)
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.label_smoothing)
 
     def logits(self, images, classes):

@@ -91,9 +91,8 @@ class AdapterTuning(Method):
 
     def training_step(self, batch):
         classes = self.loss_classes(batch.task, batch.labels.device)
-        targets = torch.searchsorted(classes, batch.labels)  # classes are sorted global ids
         logits = self.head(self.adapted(batch.images), classes)
-        return F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
+        return F.cross_entropy(logits, batch.targets(classes), label_smoothing=self.cfg.label_smoothing)
 
 
 @register_method("finetune-adapter", paper="sequential adapter tuning baseline (EASE / MOS tables, PILOT conventions)",
@@ -115,7 +114,7 @@ class FinetuneAdapter(AdapterTuning):
     def loss_classes(self, task, device):
         if self.cfg.loss_scope == "task":
             return torch.tensor(task.classes, device=device)
-        return torch.tensor(sorted(self.seen_classes + list(task.classes)), device=device)
+        return torch.tensor(sorted(self.scenario.seen_classes(task.index)), device=device)
 
     def logits(self, images, classes):
         return self.head(self.adapted(images), classes)

@@ -168,7 +168,7 @@ class RanPAC(AdapterTuning):
             for p in self.vit.expert_parameters(0) + list(self.head.parameters()):
                 p.requires_grad_(False)
         if task.index == 0:  # 2. draw the random projection once
-            gen = torch.Generator().manual_seed(ctx.seed)
+            gen = ctx.rng("ridge-projection")
             self.ridge.setup(self.backbone.feature_dim, self.cfg.M, self.num_classes, gen, ctx.device)
         feats, labels = ctx.features(self.adapted)
         H = self.ridge.project(feats)
@@ -176,10 +176,9 @@ class RanPAC(AdapterTuning):
         self.ridge.accumulate(H, Y)  # 3. G += H^T H, Q += H^T Y
         cols = torch.tensor(task.classes, device=labels.device)
         lam, mses = select_ridge(H, Y[:, cols], self.lambdas, self.cfg.val_fraction, self.cfg.ridge_select,
-                                 torch.Generator().manual_seed(ctx.seed + 1))
+                                 ctx.rng("ridge-holdout"))
         self.ridge.solve(lam)  # 4. W_o = (G + lambda I)^-1 Q
-        self.extra.setdefault("ridge_lambda", []).append(lam)
-        self.extra.setdefault("ridge_val_mse", []).append([m if math.isfinite(m) else None for m in mses])
+        ctx.log(ridge_lambda=lam, ridge_val_mse=[m if math.isfinite(m) else None for m in mses])
 
     def logits(self, images, classes):  # 5. s = ReLU(x W) W_o, in float32
         feats = self.adapted(images)

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cilbench.engine.trainer import TRAINING_SETTINGS
-from cilbench.methods.base import Method, TrainConfig, register_method
+from cilbench.methods.base import TRAINING_SETTINGS, Method, TrainConfig, register_method
 from cilbench.models.heads import PrototypeHead, class_means
 
 

@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cilbench.engine.align import align_classifiers
+from cilbench.methods.contract import Phase, Sampled
 from cilbench.errors import CilbenchError
 from cilbench.methods.base import Method, TrainConfig, register_method
 from cilbench.models.gaussian import ClassGaussians
@@ -156,21 +156,19 @@ class SLCA(Method):
                 dict(params=list(self.head.heads[-1].parameters()), lr=self.cfg.lr)]
 
     def training_step(self, batch):
-        classes = torch.tensor(batch.task.classes, device=batch.labels.device)
-        targets = torch.searchsorted(classes, batch.labels)
         logits = self.head.heads[-1](self.backbone(batch.images))  # CE over the current task's classes only
-        return F.cross_entropy(logits.float(), targets)
+        return F.cross_entropy(logits.float(), batch.targets(batch.task.classes))
 
     def after_task(self, task, ctx):
         self.stage1_head.heads[-1].load_state_dict(self.head.heads[-1].state_dict())
         feats, labels = ctx.features(self.backbone)  # test transform, no gradient
         self.stats.add(feats, labels)
         if task.index > 0 and self.cfg.ca_epochs > 0:
-            curve = self.align(task, ctx.seed, ctx.progress)
-            self.extra.setdefault("ca_loss", {})[str(task.index)] = curve
+            ctx.fit(self.alignment(ctx.seed("align")))
 
-    def align(self, task, seed: int, progress=None) -> list[float]:
-        """Stage 2: train every task head on features sampled from the class Gaussians."""
+    def alignment(self, seed: int) -> Phase:
+        """Stage 2: every task head trained on features sampled from the class Gaussians (SGD, momentum 0.9,
+        cosine per epoch, as the official ``_stage2_compact_classifier``)."""
         cfg = self.cfg
         if cfg.ca_from_stage1:
             self.head.load_state_dict(self.stage1_head.state_dict())
@@ -193,15 +191,16 @@ class SLCA(Method):
                 feats = feats + offset
             return feats, labels
 
-        def loss(feats, labels):
-            logits = self.head(feats, seen).float()
+        def step(batch):
+            logits = self.head(batch.images, seen).float()
             if cfg.logit_norm > 0:
                 logits = normalised_logits(logits, sizes, cfg.logit_norm)
-            return F.cross_entropy(logits, torch.searchsorted(seen, labels))
+            return F.cross_entropy(logits, batch.targets(seen))
 
-        return align_classifiers(list(self.head.parameters()), draw, loss, cfg.ca_epochs, cfg.ca_lr,
-                                 cfg.ca_batch_size, seed, momentum=0.9, weight_decay=cfg.weight_decay,
-                                 progress=progress, label=f"align {task.name}")
+        return Phase("align", step, [dict(params=list(self.head.parameters()), lr=cfg.ca_lr)], data=Sampled(draw),
+                     epochs=cfg.ca_epochs, batch_size=cfg.ca_batch_size, optimizer="sgd", lr=cfg.ca_lr,
+                     momentum=0.9, weight_decay=cfg.weight_decay, schedule="cosine", schedule_unit="epoch",
+                     warmup_epochs=0, min_lr=0.0, seed=seed, divergence_hint="lower ca_lr (--set ca_lr=...)")
 
     def logits(self, images, classes):
         return self.head(self.backbone(images), classes)

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cilbench.engine.trainer import TRAINING_SETTINGS
-from cilbench.methods.base import Method, TrainConfig, register_method
+from cilbench.methods.base import TRAINING_SETTINGS, Method, TrainConfig, register_method
 from cilbench.models.clip_text import scenario_text_classifier
 
 
