@@ -38,10 +38,12 @@ def config_key(overrides: dict[str, Any], weights_sha256: str | None = None) -> 
 
 def expected_config_key(method: str, dataset: str, quick: bool, sets: dict[str, str],
                         weights_sha256: str | None = None) -> str:
-    """The ``config_key`` a run of ``method`` on ``dataset`` with ``--set`` ``sets`` will record (suites, sweep)."""
-    from cilbench.methods import load_method
+    """The ``config_key`` a run of ``method`` on ``dataset`` with ``--set`` ``sets`` will record (suites' tables):
+    the run's own plan (``RunPlan.build``) decides it, so a table can never disagree with the run."""
+    from cilbench.plan import RunOptions, RunPlan
 
-    return config_key(overrides(load_method(method), dataset, quick, sets), weights_sha256)  # as RunPlan.build
+    plan = RunPlan.build(RunOptions(method, dataset, sets=dict(sets), quick=quick), hash_weights=False)
+    return config_key(plan.overrides, weights_sha256)
 
 
 def describe(overrides: dict[str, Any], weights_sha256: str | None = None) -> str:

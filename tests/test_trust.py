@@ -205,9 +205,12 @@ def test_a_damaged_checkpoint_is_one_line_and_sweep_restart_gets_past_it(cli, tm
     assert "checksum" in line and "without --resume" in line
     # without --resume: says so in one line and starts over
     (out / ".checkpoints" / f".{meta.stem}.json.abc123.tmp").write_text("half")  # a killed write's leftover
+    stem = meta.name.removesuffix(".ckpt.json")
+    (out / f".{stem}.json.abc123.tmp").write_text("half")  # a killed record write's leftover
     r = cli(*RUN, "--out", out)
     assert r.code == 0 and "starting over" in r.out
     assert not list((out / ".checkpoints").iterdir())
+    assert not list(out.glob(".*.tmp"))
     # a sweep over a damaged checkpoint fails with --restart in its hint, and --restart runs it
     suite = tmp_path / "s.yaml"
     suite.write_text("title: t\npaper: p\ntable: '1'\nseeds: [1993]\ncolumns: [{dataset: synthetic, scenario: "
@@ -332,3 +335,29 @@ def test_a_store_copied_into_another_datasets_folder_is_refused(tmp_path):
 def test_a_setting_the_method_never_reads_is_refused(cli, tmp_path):
     r = cli("run", "simplecil", "--dataset", "synthetic", "--quick", "--set", "lr=0.1", "--out", tmp_path)
     assert "simplecil does not use 'lr'" in _one_line(r)
+
+
+def test_every_string_setting_of_every_method_has_its_choices():
+    """Validation is central: a method's free-text setting without declared choices would slip through."""
+    import dataclasses
+    import typing
+
+    from cilbench.methods import METHODS, load_method
+
+    for name in METHODS.names():
+        cls = load_method(name)
+        hints = typing.get_type_hints(cls.Config)
+        for f in dataclasses.fields(cls.Config):
+            if hints[f.name] is str:
+                assert f.name in cls.Config.CHOICES, f"{name}.{f.name} has no CHOICES"
+                assert getattr(cls.Config(), f.name) in cls.Config.CHOICES[f.name]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["zeroshot-clip", "--set", "templates=foo"], "must be one of auto, ensemble, first, cil"),
+    (["finetune", "--set", "mode=half"], "must be one of full, linear"),
+    (["cicae", "--set", "kl_scope=all"], "must be one of seen, task"),
+])
+def test_a_setting_outside_its_choices_is_one_line(cli, tmp_path, args, message):
+    r = cli("run", *args, "--dataset", "synthetic", "--quick", "--out", tmp_path)
+    assert message in _one_line(r)

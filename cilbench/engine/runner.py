@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import glob
 import hashlib
 import json
 import os
@@ -270,6 +271,8 @@ class Runner:
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         wall = time.perf_counter()
         seed_everything(opts.seed)
+        for stale in self.record_path.parent.glob(f".{glob.escape(self.record_path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)  # left by a write this run's process was killed in
         data = ScenarioData(scenario, self.cache, opts.quick, opts.seed)
         self.data_identity = data.identity()
         scenario.tasks = [dataclasses.replace(t, class_names=data.class_names(t)) for t in scenario.tasks]

@@ -87,6 +87,8 @@ class CICAE(Method):
             if self.expert_lrs is None and 1 <= self.num_experts <= len(PAPER_EXPERT_LRS):
                 self.expert_lrs = PAPER_EXPERT_LRS[: self.num_experts]  # num_experts=2 alone runs 1e-2, 2e-2
 
+        CHOICES = {**AdapterConfig.CHOICES, "kl_scope": ("seen", "task")}
+
     presets = {
         "imagenet-a": dict(lambda1=25.0, lambda2=400.0),
         "cub": dict(lambda1=100.0, lambda2=100.0),

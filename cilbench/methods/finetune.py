@@ -46,6 +46,8 @@ class Finetune(Method):
         lr_milestones: tuple[int, ...] = (40, 70)
         schedule_unit: str = "epoch"
 
+        CHOICES = {**TrainConfig.CHOICES, "mode": ("full", "linear"), "loss_scope": ("task", "seen")}
+
     # smoke profile (no reference): Adam and the light "quick" crops, so the tiny random ViT visibly learns digits
     quick = dict(optimizer="adam", lr=3e-3, epochs=10, batch_size=16, transform="quick")
 

@@ -103,6 +103,8 @@ class FinetuneAdapter(AdapterTuning):
     class Config(AdapterTuningConfig):
         loss_scope: str = "task"  # task: CE over the current task's classes (PILOT); seen: over all seen classes
 
+        CHOICES = {**AdapterTuningConfig.CHOICES, "loss_scope": ("task", "seen")}
+
     presets = {name: dict(values) for name, values in ADAPTER_PRESETS.items()}
     quick = dict(QUICK_ADAPTER)
 

@@ -29,6 +29,8 @@ class ZeroShotCLIP(Method):
         logit_scale: float = 100.0
         eval_batch_size: int = 256
 
+        CHOICES = {**TrainConfig.CHOICES, "templates": ("auto", "ensemble", "first", "cil")}
+
     checkpoint_excludes = ("backbone.",)
     unused_settings = TRAINING_SETTINGS  # nothing trains
     zero_shot = True
