@@ -33,7 +33,7 @@ import numpy as np
 
 from cilbench import metrics
 from cilbench.errors import CilbenchError
-from cilbench.results.record import upgrade
+from cilbench.results.record import RecordError, RunRecord
 
 KINDS = ("cil", "mtil")
 UNITS = ("percent", "fraction")
@@ -167,17 +167,13 @@ def _from_json(text: str, path: Path):
     if not isinstance(data, dict):
         raise CilbenchError(f"{path}: expected a list of rows or an object with a 'matrix'")
     if "schema_version" in data:
-        version = data["schema_version"]
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise CilbenchError(f"{path}: schema_version {version!r} is not a version number")
         try:
-            record = upgrade(data)
-        except (ValueError, TypeError, AttributeError) as err:  # an old record too damaged to upgrade
-            raise CilbenchError(f"{path}: {err}")
-        if record.get("accuracy_matrix") is None:
+            record = RunRecord.from_json(data, path)
+        except RecordError as err:
+            raise CilbenchError(f"{path} is not a readable run record: {err.reason}")
+        if not record.accuracy_matrix:
             raise CilbenchError(f"{path}: the run record has no accuracy_matrix")
-        return (_rows(record["accuracy_matrix"], path), _counts(record.get("test_counts"), path), record.get("kind"),
-                "percent", "record")
+        return _rows(record.accuracy_matrix, path), _counts(record.test_counts, path), record.kind, "percent", "record"
     matrix = data.get("matrix", data.get("accuracy_matrix"))
     if matrix is None:
         raise CilbenchError(f"{path}: the JSON object has no 'matrix'")

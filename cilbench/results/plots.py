@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from cilbench.errors import CilbenchError
-from cilbench.results.record import Skipped, iter_records, load_record
+from cilbench.results.record import RunRecord, Skipped, iter_records, load_record
 from cilbench.utils import atomic_path, check_writable
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
@@ -60,17 +60,17 @@ def curve_series(results_dir: str | Path, dataset: str, scenario: str | None,
     found: dict[str, dict[tuple, list]] = {}
     scenarios = set()
     for path, rec in iter_records(results_dir, on_skip):
-        if rec.get("dataset") != dataset or (rec.get("kind") or "cil") != "cil":
+        if rec.dataset != dataset or rec.kind != "cil":
             continue
-        scenarios.add(rec["scenario"])
-        if scenario and rec["scenario"] != scenario:
+        scenarios.add(rec.scenario)
+        if scenario and rec.scenario != scenario:
             continue
-        if not rec.get("accuracy_per_task"):
+        if not rec.accuracy_per_task:
             if on_skip:
                 on_skip(Skipped(path, "no accuracy_per_task to plot", damaged=False))
             continue
-        key = (rec["method"], rec.get("profile") or "full", rec.get("config_key") or "", rec.get("backbone") or "")
-        found.setdefault(rec["scenario"], {}).setdefault(key, []).append((path, rec))
+        key = (rec.method, rec.profile, rec.config_key, rec.backbone)
+        found.setdefault(rec.scenario, {}).setdefault(key, []).append((path, rec))
     if not scenarios:
         raise CilbenchError(f"no class-incremental run records of {dataset} under {results_dir}")
     if scenario is None:
@@ -80,25 +80,23 @@ def curve_series(results_dir: str | Path, dataset: str, scenario: str | None,
         scenario = next(iter(scenarios))
     if scenario not in found:
         raise CilbenchError(f"no run records of {dataset} {scenario} (found: {', '.join(sorted(scenarios))})")
-    from cilbench.results.tables import config_label
-
     groups = found[scenario]
     backbones = {key[3] for key in groups}
     raw = []
     for key, recs in sorted(groups.items()):
-        length = len(recs[0][1]["accuracy_per_task"])
-        kept = [r for p, r in recs if len(r["accuracy_per_task"]) == length]
+        length = len(recs[0][1].accuracy_per_task)
+        kept = [r for p, r in recs if len(r.accuracy_per_task) == length]
         for p, r in recs:
-            if len(r["accuracy_per_task"]) != length and on_skip:
-                on_skip(Skipped(p, f"{len(r['accuracy_per_task'])} tasks where seed {kept[0].get('seed')} has "
+            if len(r.accuracy_per_task) != length and on_skip:
+                on_skip(Skipped(p, f"{len(r.accuracy_per_task)} tasks where seed {kept[0].seed} has "
                                    f"{length}", damaged=False))
         method, profile, _, backbone = key
         label = method + (f" [{profile}]" if profile != "full" else "")
-        config = config_label(kept[0])
+        config = kept[0].config_label
         label += f" [{config}]" if config else ""
         label += f" ({backbone})" if len(backbones) > 1 and backbone else ""
-        per_task = np.array([[np.nan if v is None else v for v in r["accuracy_per_task"]] for r in kept], float)
-        increments = kept[0].get("increments") or [1] * length
+        per_task = np.array([[np.nan if v is None else v for v in r.accuracy_per_task] for r in kept], float)
+        increments = kept[0].increments or [1] * length
         seen = np.cumsum(increments[:length]).astype(float) if len(increments) >= length else \
             np.arange(1, length + 1, dtype=float)
         std = np.nanstd(per_task, 0, ddof=1) if len(kept) > 1 else None
@@ -155,9 +153,9 @@ def plot_curves(results_dir: str | Path, dataset: str, scenario: str | None, out
     return fig
 
 
-def _task_labels(rec: dict, count: int) -> list[str]:
+def _task_labels(rec: RunRecord, count: int) -> list[str]:
     """``1``, ``2``, ... for CIL tasks (named "task N" or unnamed); ``1 aircraft``, ... for named datasets."""
-    names = [str(n).split("/")[-1] for n in rec.get("task_names") or []]
+    names = rec.short_task_names
     if len(names) < count or all(n.lower().startswith("task") for n in names):
         return [str(i + 1) for i in range(count)]
     return [f"{i + 1} {n}" for i, n in enumerate(names[:count])]
@@ -167,9 +165,9 @@ def plot_matrix(record: str | Path, output: str | Path):
     """A run record's accuracy matrix as a heat map PNG; returns the figure (closed)."""
     output = check_png_output(output)
     rec = load_record(record)
-    if not rec.get("accuracy_matrix"):
+    if not rec.accuracy_matrix:
         raise CilbenchError(f"{record}: the run record has no accuracy matrix")
-    acc = np.array([[np.nan if v is None else v for v in row] for row in rec["accuracy_matrix"]], dtype=float)
+    acc = np.array([[np.nan if v is None else v for v in row] for row in rec.accuracy_matrix], dtype=float)
     labels = _task_labels(rec, acc.shape[1])
     plt = _pyplot()
     width = max(5.0, 0.55 * acc.shape[1] + 3)
@@ -188,7 +186,7 @@ def plot_matrix(record: str | Path, output: str | Path):
     ax.set_ylabel("after training task")
     fig.colorbar(im, ax=ax, label="accuracy (%)", shrink=0.9)
     # The title spans the figure (axes and colour bar), wrapped to its width, so it never runs over the colour bar.
-    title = f"{rec['method']} on {rec['dataset']} {rec['scenario']}"
+    title = f"{rec.method} on {rec.dataset} {rec.scenario}"
     fig.suptitle(textwrap.fill(title, max(20, int(width * 72 / (10 * 0.62)))), fontsize=10)
     _save(fig, output)
     return fig

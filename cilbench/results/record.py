@@ -19,12 +19,15 @@ Schema (version 2)::
 Loading upgrades older schema versions in ``upgrade`` so old records stay readable. Version 1 had no
 ``config_key`` / ``overrides`` / ``data``: a v1 record with ``--set`` overrides or a weights file gets a key of its
 own (prefixed ``v1-``), so it is never grouped with a default run.
+
+Readers get a ``RunRecord`` (``RunRecord.from_json``, ``load_record``, ``iter_records``): the upgraded, type-checked
+record with every field a reader uses typed and defaulted here, once, plus ``raw`` (the whole upgraded JSON).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -116,10 +119,10 @@ def record_problem(record: dict[str, Any]) -> str | None:
         return f"'seed' is {_what(seed)}, not an integer"
     if record.get("kind") not in (None, "cil", "mtil"):
         return f"'kind' is {_what(record['kind'])}, not cil or mtil"
-    for key in ("backbone", "profile", "config_key", "finished_at", "class_order_option"):
+    for key in ("run_id", "status", "backbone", "profile", "config_key", "finished_at", "class_order_option"):
         if record.get(key) is not None and not isinstance(record[key], str):
             return f"{key!r} is {_what(record[key])}, not a string"
-    for key in ("metrics", "overrides", "run", "config_sources"):
+    for key in ("metrics", "overrides", "run", "config_sources", "views", "method_origin"):
         if record.get(key) is not None and not isinstance(record[key], dict):
             return f"{key!r} is {_what(record[key])}, not a mapping"
     weights = (record.get("run") or {}).get("weights_sha256")
@@ -157,7 +160,7 @@ def _json_problem(err: json.JSONDecodeError) -> str:
     return f"not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read(path: Path) -> RunRecord:
     """The upgraded, type-checked record in ``path``, else ``RecordError`` with a one-line reason."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -169,11 +172,11 @@ def _read(path: Path) -> dict[str, Any]:
         raise RecordError(f"cannot read it ({err.strerror or err})")
     except RecursionError:
         raise RecordError("JSON nested too deeply")
-    return as_record(data)
+    return RunRecord.from_json(data, path)
 
 
-def as_record(data: Any) -> dict[str, Any]:
-    """Parsed JSON as an upgraded, type-checked run record, else ``RecordError`` with a one-line reason."""
+def _checked(data: Any) -> dict[str, Any]:
+    """Parsed JSON as an upgraded, type-checked record dict, else ``RecordError`` with a one-line reason."""
     if not isinstance(data, dict):
         kinds = {list: "a JSON list", str: "a JSON string", bool: "a JSON boolean", type(None): "JSON null"}
         raise RecordError(f"{kinds.get(type(data), 'a JSON number')}, not a run record")
@@ -196,7 +199,105 @@ def as_record(data: Any) -> dict[str, Any]:
     return record
 
 
-def load_record(path: str | Path) -> dict[str, Any]:
+def _config_label(config_key: str, overrides: dict[str, Any], run: dict[str, Any]) -> str:
+    """The readable name of a configuration: ``""`` for the method's own, else its overrides (``lambda1=0,
+    lambda2=0``) and weights file; ``cfg-KEY`` when the record does not say more."""
+    if not config_key:
+        return ""
+    from cilbench.identity import describe
+
+    label = describe(overrides, run.get("weights_sha256"))
+    if not run.get("weights_sha256") and isinstance(run.get("weights"), str):  # schema 1: a path, no hash
+        label = ", ".join(p for p in (label, f"weights={Path(run['weights']).name}") if p)
+    return label or f"cfg-{config_key}"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run record in the current schema, typed: what readers use, each field defaulted here for older records
+    (see the module docstring for the schema); ``raw`` is the whole upgraded JSON for anything else."""
+
+    schema_version: int
+    method: str
+    dataset: str
+    scenario: str
+    seed: int
+    run_id: str = ""
+    status: str | None = None  # "complete" for a finished run
+    kind: str = "cil"  # "cil" | "mtil"
+    backbone: str = ""
+    profile: str = "full"  # "full" | "quick" (old records: from ``comparable``)
+    comparable: bool = True
+    config_key: str = ""  # "" for the method's own settings
+    config_label: str = ""  # the readable name of config_key; "" for the method's own settings
+    overrides: dict[str, Any] = field(default_factory=dict)
+    class_order_option: str = ""  # a fixed published class order (--class-order); "" when seeded
+    increments: list[int] = field(default_factory=list)
+    task_names: list[str] = field(default_factory=list)
+    accuracy_matrix: list[list[float | None]] = field(default_factory=list)  # [] when the record has none
+    test_counts: list[int] | None = None
+    accuracy_per_task: list[float | None] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    views: dict[str, Any] = field(default_factory=dict)
+    finished_at: str = ""
+    method_origin: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+    path: Path | None = None  # the file it was read from, when it was
+
+    upgrade = staticmethod(upgrade)
+
+    @classmethod
+    def from_json(cls, data: Any, path: str | Path | None = None) -> RunRecord:
+        """Parsed JSON as a typed run record: validated, upgraded to the current schema and defaulted; else
+        ``RecordError`` with a one-line reason (``damaged`` False for JSON that is no run record at all)."""
+        record = _checked(data)
+        run = record.get("run") or {}
+        comparable = bool(record.get("comparable", True))
+        return cls(
+            schema_version=record["schema_version"], method=record["method"], dataset=record["dataset"],
+            scenario=record["scenario"], seed=record["seed"], run_id=record.get("run_id") or "",
+            status=record.get("status"), kind=record.get("kind") or "cil", backbone=record.get("backbone") or "",
+            profile=record.get("profile") or ("full" if comparable else "quick"), comparable=comparable,
+            config_key=record.get("config_key") or "",
+            config_label=_config_label(record.get("config_key") or "", record.get("overrides") or {}, run),
+            overrides=dict(record.get("overrides") or {}),
+            class_order_option=record.get("class_order_option") or "",
+            increments=list(record.get("increments") or []),
+            task_names=[str(n) for n in record.get("task_names") or []],
+            accuracy_matrix=[list(row) for row in record.get("accuracy_matrix") or []],
+            test_counts=list(record["test_counts"]) if record.get("test_counts") is not None else None,
+            accuracy_per_task=list(record.get("accuracy_per_task") or []),
+            metrics=dict(record.get("metrics") or {}), views=dict(record.get("views") or {}),
+            finished_at=record.get("finished_at") or "", method_origin=dict(record.get("method_origin") or {}),
+            raw=record, path=Path(path) if path is not None else None)
+
+    @property
+    def scenario_label(self) -> str:
+        """The scenario as tables group it: a fixed published class order is another scenario than the seeded one
+        (``B0Inc10-icarl``)."""
+        return f"{self.scenario}-{self.class_order_option}" if self.class_order_option else self.scenario
+
+    @property
+    def short_task_names(self) -> list[str]:
+        """Task names without their store prefix (``mtil/aircraft`` -> ``aircraft``)."""
+        return [n.split("/")[-1] for n in self.task_names]
+
+    def scores(self) -> dict[str, Any]:
+        """The record's metrics; when it has none, the metrics of its accuracy matrix (``{}`` without one).
+        ``ValueError`` / ``TypeError`` when the matrix cannot be scored."""
+        if self.metrics or not self.accuracy_matrix:
+            return dict(self.metrics)
+        from cilbench import metrics as metric_fns
+
+        return metric_fns.summary(self.kind, self.accuracy_matrix, self.test_counts)
+
+
+def as_record(data: Any) -> RunRecord:
+    """Parsed JSON as an upgraded, type-checked run record, else ``RecordError`` (``RunRecord.from_json``)."""
+    return RunRecord.from_json(data)
+
+
+def load_record(path: str | Path) -> RunRecord:
     """One run record, upgraded to the current schema; a missing, damaged or foreign file is a one-line error."""
     path = Path(path)
     if not path.is_file():
@@ -208,7 +309,7 @@ def load_record(path: str | Path) -> dict[str, Any]:
 
 
 def iter_records(folder: str | Path,
-                 on_skip: Callable[[Skipped], None] | None = None) -> Iterator[tuple[Path, dict[str, Any]]]:
+                 on_skip: Callable[[Skipped], None] | None = None) -> Iterator[tuple[Path, RunRecord]]:
     """Every complete run record under ``folder`` (recursively). Hidden files and folders (checkpoints, temporary
     files) are passed over; every other ``.json`` file that is not a complete, well-typed record is reported to
     ``on_skip`` (the CLI prints it as one warning line) and skipped."""
@@ -226,9 +327,9 @@ def iter_records(folder: str | Path,
             if on_skip:
                 on_skip(Skipped(path, err.reason, err.damaged))
             continue
-        if record.get("status") != "complete":
+        if record.status != "complete":
             if on_skip:
-                on_skip(Skipped(path, f"not a complete run (status {record.get('status')!r})"))
+                on_skip(Skipped(path, f"not a complete run (status {record.status!r})"))
             continue
         yield path, record
 

@@ -28,7 +28,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from cilbench import metrics as metric_fns
 from cilbench.data.user_catalog import is_user_dataset
 from cilbench.errors import CilbenchError
 from cilbench.results.record import Skipped, iter_records
@@ -49,53 +48,29 @@ EMPTY = "-"  # a cell without runs
 # --------------------------------------------------------------------------------------------- runs and groups
 
 
-def config_label(record: dict[str, Any]) -> str:
-    """The readable name of a record's configuration: ``""`` for the method's own, else its overrides
-    (``lambda1=0, lambda2=0``) and weights file; ``cfg-KEY`` when the record does not say more."""
-    from cilbench.identity import describe
-
-    key = record.get("config_key") or ""
-    if not key:
-        return ""
-    run = record.get("run") or {}
-    label = describe(record.get("overrides") or {}, run.get("weights_sha256"))
-    if not run.get("weights_sha256") and isinstance(run.get("weights"), str):  # schema 1: a path, no hash
-        label = ", ".join(p for p in (label, f"weights={Path(run['weights']).name}") if p)
-    return label or f"cfg-{key}"
-
-
 def collect(results_dir: str | Path, on_skip: Callable[[Skipped], None] | None = None) -> pd.DataFrame:
     """One row per complete run record under ``results_dir``: the group keys, seed, kind, the metrics, path.
     Files that are not readable records are skipped and reported to ``on_skip`` (see ``iter_records``)."""
     rows = []
     for path, record in iter_records(results_dir, on_skip):
-        kind = record.get("kind") or "cil"
-        scores = record.get("metrics") or {}
-        if not scores and record.get("accuracy_matrix"):
-            try:
-                scores = metric_fns.summary(kind, record["accuracy_matrix"], record.get("test_counts"))
-            except (ValueError, TypeError) as err:
-                if on_skip:
-                    on_skip(Skipped(path, f"its accuracy matrix cannot be scored ({err})"))
-                continue
-        scenario = record["scenario"]
-        if record.get("class_order_option"):  # a fixed published order is another scenario than the seeded one
-            scenario += f"-{record['class_order_option']}"
+        try:
+            scores = record.scores()
+        except (ValueError, TypeError) as err:
+            if on_skip:
+                on_skip(Skipped(path, f"its accuracy matrix cannot be scored ({err})"))
+            continue
         row: dict[str, Any] = {
-            "method": record["method"], "dataset": record["dataset"], "scenario": scenario,
-            "backbone": record.get("backbone") or "",
-            "profile": record.get("profile") or ("full" if record.get("comparable", True) else "quick"),
-            "config_key": record.get("config_key") or "", "config_label": config_label(record),
-            "seed": record.get("seed"), "kind": kind, "finished_at": record.get("finished_at") or "",
-            "path": str(path),
+            "method": record.method, "dataset": record.dataset, "scenario": record.scenario_label,
+            "backbone": record.backbone, "profile": record.profile, "config_key": record.config_key,
+            "config_label": record.config_label, "seed": record.seed, "kind": record.kind,
+            "finished_at": record.finished_at, "path": str(path),
         }
         for name in ALL_METRICS:
             value = scores.get(name)
             row[name] = float(value) if isinstance(value, (int, float)) else math.nan
-        if kind == "mtil":  # per-dataset cells of the paper tables: transfer_aircraft, last_cars, ...
-            names = [str(n).split("/")[-1] for n in record.get("task_names") or []]
+        if record.kind == "mtil":  # per-dataset cells of the paper tables: transfer_aircraft, last_cars, ...
             for name in RUN_METRICS["mtil"]:
-                for task, value in zip(names, scores.get(f"{name}_per_dataset") or []):
+                for task, value in zip(record.short_task_names, scores.get(f"{name}_per_dataset") or []):
                     row[f"{name}_{task}"] = float(value) if isinstance(value, (int, float)) else math.nan
         rows.append(row)
     columns = [*RUN_KEYS, *ALL_METRICS]
