@@ -9,7 +9,7 @@ Stage 2, classifier alignment (CA), after every task from the second on:
 * the class mean and covariance of every new class are computed from its training images with the test transform
   (float64, ``Sigma + 1e-4 I``) and stored (``ClassGaussians``); old classes keep the statistics of their own task;
 * for ``ca_epochs`` epochs, 256 features per seen class are drawn from ``N(mu_c, Sigma_c)`` and every task head is
-  trained on them (SGD lr 0.01, momentum 0.9, wd 5e-4, cosine per epoch, batch 256: ``align_classifiers``);
+  trained on them (SGD lr 0.01, momentum 0.9, wd 5e-4, cosine per epoch, batch 256: a ``Sampled`` phase);
 * logit normalisation (training only): with ``l`` the logits over all seen classes and ``l_t`` the slice of task t,
   ``l / (mean_t ||l_t||_2 * tau)``, tau = 0.1 (``normalised_logits``). Inference uses the raw logits.
 
