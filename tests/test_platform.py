@@ -253,3 +253,14 @@ def test_icarl_memory_budget_and_cut_after_each_task(tmp_path):
     assert [t["per_class"] for t in record["log"]] == [4, 2, 1, 1]
     assert [t["memory"] for t in record["log"]] == [20, 20, 15, 20]
     assert record["backbone"] == "resnet-tiny" and set(record["views"]) == {"cnn"}
+
+
+def test_a_phase_that_states_its_epochs_is_not_lengthened_by_the_configs_iterations():
+    toy = _Toy()
+    cfg = TrainConfig(iterations=7, batch_size=5)  # the main phase counts iterations (MoE-Adapters: 1000)
+    task = SimpleNamespace(index=0, name="t")
+    run = lambda phase: run_phase(toy, phase, cfg, task, _data(10), lambda x, train: x.float(),  # noqa: E731
+                                  torch.device("cpu"), seed=0)
+    assert run(Phase("main", lambda b: toy.w.sum(), [dict(params=[toy.w])], iterations=cfg.iterations)).steps == 7
+    assert run(Phase("align", lambda b: toy.w.sum(), [dict(params=[toy.w])], epochs=2)).steps == 4  # 2 x 10 / 5
+    assert run(Phase("other", lambda b: toy.w.sum(), [dict(params=[toy.w])])).steps == 7  # unset: the config's

@@ -63,8 +63,10 @@ class Settings:
         own = {f.name: getattr(phase, f.name) for f in dataclasses.fields(cls) if hasattr(phase, f.name)}
         values = {name: own[name] if own.get(name) is not None else getattr(cfg, name)
                   for name in (f.name for f in dataclasses.fields(cls))}
-        if phase.warmup_epochs is not None or phase.iterations is not None:
-            values["warmup_iterations"] = 0 if phase.warmup_epochs is not None else values["warmup_iterations"]
+        if phase.epochs is not None or phase.iterations is not None:
+            values["iterations"] = phase.iterations  # a phase that states its length is not lengthened by the config
+        if phase.warmup_epochs is not None:
+            values["warmup_iterations"] = 0
         values["lr_milestones"] = tuple(values["lr_milestones"])
         s = cls(**values)
         if s.schedule not in SCHEDULES:
@@ -225,7 +227,7 @@ def main_phase(method, task, data: Any, aux: dict[str, Any] | None = None) -> Ph
     on the first task), weight decay (``first_weight_decay`` on the first task), aux streams, ``after_step`` and
     frozen modules."""
     return Phase("train", method.training_step, method.param_groups(task), data=data, epochs=method.epochs_for(task),
-                 weight_decay=weight_decay_for(method.cfg, task), aux=aux or {}, after_step=method.after_step,
+                 iterations=method.cfg.iterations, weight_decay=weight_decay_for(method.cfg, task), aux=aux or {}, after_step=method.after_step,
                  frozen=tuple(method.frozen_modules()))
 
 
