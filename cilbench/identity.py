@@ -18,14 +18,15 @@ from typing import Any
 KEY_LENGTH = 8
 
 
-def overrides(method_cls: type, dataset: str, quick: bool, sets: dict[str, str]) -> dict[str, Any]:
-    """The settings of the effective config that differ from the method's own for ``dataset`` and the profile
-    (``--set`` values equal to the default drop out, so ``--set lr=0.01`` on a default of 0.01 is the default run)."""
+def overrides(method_cls: type, dataset: str, quick: bool, sets: dict[str, str], cfg: Any = None) -> dict[str, Any]:
+    """The settings of the effective config (``cfg``, resolved here when not given) that differ from the method's
+    own for ``dataset`` and the profile (``--set`` values equal to the default drop out, so ``--set lr=0.01`` on a
+    default of 0.01 is the default run)."""
     from cilbench.methods.base import resolve_config
 
     base = dataclasses.asdict(resolve_config(method_cls, dataset, quick, {})[0])
-    cfg = dataclasses.asdict(resolve_config(method_cls, dataset, quick, sets)[0])
-    return {k: v for k, v in cfg.items() if base.get(k) != v}
+    effective = dataclasses.asdict(cfg if cfg is not None else resolve_config(method_cls, dataset, quick, sets)[0])
+    return {k: v for k, v in effective.items() if base.get(k) != v}
 
 
 def config_key(overrides: dict[str, Any], weights_sha256: str | None = None) -> str:

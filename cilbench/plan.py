@@ -17,7 +17,6 @@ from typing import Any
 
 from cilbench.errors import CilbenchError
 
-MAX_SEED = 2**32 - 1  # numpy's legacy seeding (the PILOT class permutation) takes 0 .. 2**32 - 1
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}", re.ASCII)
 
 
@@ -40,12 +39,6 @@ class RunOptions:
     quick: bool = False
     cache_dir: Path | None = None
     tag: str = ""
-
-
-def check_seed(seed: int, what: str = "--seed") -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise CilbenchError(f"{what} must be an integer from 0 to {MAX_SEED}, not {seed!r}")
-    return seed
 
 
 @dataclass
@@ -88,7 +81,7 @@ class RunPlan:
     def build(cls, opts: RunOptions, hash_weights: bool = True) -> "RunPlan":
         """The plan of ``opts``; every user error (names, settings, scenario, backbone, weights) is one line."""
         from cilbench.data.augment import PRESETS
-        from cilbench.data.scenario import build_scenario
+        from cilbench.data.scenario import build_scenario, check_seed
         from cilbench.identity import config_key, overrides
         from cilbench.methods import load_method
         from cilbench.methods.base import METHODS, resolve_config
@@ -121,7 +114,7 @@ class RunPlan:
         preset = cfg.transform or spec.preset
         if preset not in PRESETS:
             raise CilbenchError(f"unknown transform preset {preset!r} ({', '.join(PRESETS)})")
-        found = overrides(method_cls, opts.dataset, opts.quick, opts.sets)
+        found = overrides(method_cls, opts.dataset, opts.quick, opts.sets, cfg)
         label = scenario.name + (f"-{opts.class_order}" if opts.class_order else "")
         return cls(opts, method_cls, method_origin(opts.method), cfg, sources, found, config_key(found, weights_sha256), backbone, spec,
                    weights_sha256, scenario, preset, label, opts.tag or ("quick" if opts.quick else ""))

@@ -214,10 +214,11 @@ def parse_suite(doc: Any, path: Path) -> Suite:
         if missing:
             raise CilbenchError(f"{w}: row {missing[0]!r} is not among the suite's rows")
         blocks.append(SuiteBlock(str(_need(block, "label", w)), str(_need(block, "metric", w)), names))
+    from cilbench.data.scenario import MAX_SEED, valid_seed
+
     seeds = doc.get("seeds", [1993])
-    if not isinstance(seeds, list) or not seeds or not all(
-            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**32 for s in seeds):
-        raise CilbenchError(f"{where}: seeds must be a list of integers from 0 to {2**32 - 1}")
+    if not isinstance(seeds, list) or not seeds or not all(valid_seed(s) for s in seeds):
+        raise CilbenchError(f"{where}: seeds must be a list of integers from 0 to {MAX_SEED}")
     if doc.get("backbone") is not None and not isinstance(doc["backbone"], str):
         raise CilbenchError(f"{where}: backbone must be a backbone name (a string)")
     return Suite(path.stem, path, str(doc.get("title") or path.stem), str(_need(doc, "paper", where)),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _one_line import cli_error as _one_line_error
 
 from cilbench import metrics
 
@@ -90,16 +91,6 @@ def test_methods_and_datasets_listing(cli):
     r = cli("datasets", "info", "imagenet-a", "--json")
     info = json.loads(r.out)
     assert info["num_classes"] == 200 and "barkermrl/imagenet-a" in info["source"]
-
-
-def _one_line_error(r, code: int | None = None) -> str:
-    assert r.code != 0
-    if code is not None:
-        assert r.code == code
-    assert "Traceback" not in r.err and "Traceback" not in r.out
-    lines = [line for line in r.err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, r.err
-    return lines[0]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _one_line import raised as _one_line
 
 from _hub_fixtures import (cifar100_repo, colour_of, image_folder, imagenet_r_repo, labelled_repo, solid,
                            unique_spec)
@@ -25,12 +26,6 @@ def temp_spec(monkeypatch):
     """Register throw-away catalog entries for one test; the catalog is restored afterwards."""
     monkeypatch.setattr(DATASETS, "_entries", dict(DATASETS._entries))
     return unique_spec
-
-
-def _one_line(err: pytest.ExceptionInfo) -> str:
-    text = str(err.value)
-    assert "\n" not in text and text
-    return text
 
 
 def _leftovers(cache: Path) -> list[str]:

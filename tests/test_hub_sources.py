@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _one_line import raised as _one_line
 
 from _hub_fixtures import (AIRCRAFT_FAMILIES, CUB_NAMES, STANFORD_CARS_CORRUPTIONS, colour_of, cub_repo,
                            dtd_split_1_repo, fgvc_aircraft_repo, image_folder, imagenet_a_repo, labelled_repo,
@@ -38,12 +39,6 @@ def catalog(monkeypatch):
         return spec
 
     return like
-
-
-def _one_line(err: pytest.ExceptionInfo) -> str:
-    text = str(err.value)
-    assert text and "\n" not in text
-    return text
 
 
 def _counts(store) -> dict[str, int]:

@@ -8,9 +8,11 @@ import json
 import re
 import sys
 import textwrap
+from functools import partial
 from pathlib import Path
 
 import pytest
+from _one_line import cli_error
 
 from cilbench import plugins
 from cilbench.errors import CilbenchError
@@ -56,12 +58,7 @@ def _plugin(tmp_path: Path, name: str = "mymethod", file: str = "my_method.py") 
     return path
 
 
-def _one_line(r, code: int = 2) -> str:
-    assert r.code == code, (r.code, r.out, r.err)
-    assert "Traceback" not in r.out + r.err
-    lines = [line for line in r.err.splitlines() if line.strip()]
-    assert len(lines) == 1, r.err
-    return lines[0]
+_one_line = partial(cli_error, code=2)
 
 
 # ---------------------------------------------------------------- plugin files

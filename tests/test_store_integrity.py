@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
+from _one_line import cli_error as _cli_error
+from _one_line import raised as _one_line
 
 from cilbench.data import store as store_mod
 from cilbench.data.prepare import open_store, prepare
@@ -20,20 +22,6 @@ from cilbench.data.store import MANIFEST, STAMP, Store, StoreWriter
 from cilbench.errors import CilbenchError
 
 S = 4  # image size of the tiny stores
-
-
-def _one_line(err: pytest.ExceptionInfo) -> str:
-    text = str(err.value)
-    assert "\n" not in text and text
-    return text
-
-
-def _cli_error(r, code: int) -> str:
-    assert r.code == code, r.err + r.out
-    assert "Traceback" not in r.err + r.out
-    lines = [line for line in r.err.splitlines() if line.strip()]
-    assert len(lines) == 1, r.err
-    return lines[0]
 
 
 def _tiny_store(root: Path, source: dict[str, Any] | None = None, domains: bool = False) -> Path:

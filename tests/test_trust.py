@@ -12,21 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from _one_line import cli_error as _one_line
 
 from cilbench.engine.checkpoint import Checkpoint
 from cilbench.errors import CilbenchError
 from cilbench.identity import config_key, describe, expected_config_key
 
 RUN = ["run", "finetune", "--dataset", "synthetic", "--quick", "--set", "epochs=1", "--set", "first_epochs=1"]
-
-
-def _one_line(r, code: int | None = None) -> str:
-    assert r.code != 0 and "Traceback" not in r.err + r.out
-    if code is not None:
-        assert r.code == code
-    lines = [line for line in r.err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, r.err
-    return lines[0]
 
 
 # ------------------------------------------------------------------------------------------------ identity

@@ -7,10 +7,12 @@ from __future__ import annotations
 import csv
 import json
 import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _one_line import cli_error
 
 from cilbench.data import user_catalog
 from cilbench.data.catalog import DATASETS
@@ -57,12 +59,7 @@ def cache(tmp_path, monkeypatch) -> Path:
     user_catalog.forget()
 
 
-def _one_line(r, code: int = 2) -> str:
-    assert r.code == code, (r.code, r.out, r.err)
-    assert "Traceback" not in r.out + r.err
-    lines = [line for line in r.err.splitlines() if line.strip()]
-    assert len(lines) == 1, r.err
-    return lines[0]
+_one_line = partial(cli_error, code=2)
 
 
 def _records(folder: Path) -> list[dict]:

@@ -24,6 +24,20 @@ import yaml
 from cilbench.data.catalog import DatasetSpec, SequenceSpec, get_spec
 from cilbench.errors import CilbenchError
 
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding (the PILOT class permutation) takes 0 .. 2**32 - 1
+
+
+def valid_seed(seed: object) -> bool:
+    return isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED
+
+
+def check_seed(seed: object, what: str = "--seed") -> int:
+    """A seed numpy's legacy seeding takes, else one line."""
+    if not valid_seed(seed):
+        raise CilbenchError(f"{what} must be an integer from 0 to {MAX_SEED}, not {seed!r}")
+    return seed  # type: ignore[return-value]
+
+
 _SCENARIO = re.compile(r"B([0-9]+)Inc([0-9]+)")  # ASCII digits only, matched whole (no trailing newline)
 
 
@@ -208,8 +222,7 @@ def member_num_classes(seq: SequenceSpec, member: str) -> int:
 def build_scenario(dataset: str, scenario: str | None = None, seed: int = 1993, order_name: str | None = None,
                    mtil_order: str | None = None) -> Scenario:
     """The scenario from the catalog alone (no images needed)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise CilbenchError(f"--seed must be an integer from 0 to {2**32 - 1}, not {seed!r}")
+    check_seed(seed)
     spec = get_spec(dataset)
     if isinstance(spec, SequenceSpec):
         if scenario and not scenario.startswith("order-"):

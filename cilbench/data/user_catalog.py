@@ -156,11 +156,13 @@ def _validate(name: str, entry: Any, path: Path) -> dict[str, Any]:
 
 
 def _check_split(split: dict[str, Any], bad=CilbenchError) -> None:
+    from cilbench.data.scenario import MAX_SEED, valid_seed  # the catalog imports this module: no cycle at import
+
     f, seed = split.get("test_fraction"), split.get("seed")
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
         raise bad(f"test_fraction must be a number between 0 and 1 (exclusive), not {f!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise bad(f"seed must be an integer from 0 to {2**32 - 1}, not {seed!r}")
+    if not valid_seed(seed):
+        raise bad(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}")
 
 
 def read_catalog(cache: str | Path | None = None) -> dict[str, dict[str, Any]]:
@@ -413,11 +415,10 @@ def prepare(name: str, cache: Path, source: str | None = "hub", force: bool = Fa
     root = prep.store_path(name, cache)
     if Store.exists(root) and not force:
         store = Store.open(root)
-        if store.manifest.get("source", {}).get("path") == str(folder.resolve()) \
-                and store.num_classes == spec.num_classes:
+        if prep._up_to_date(store, spec, folder) and store.num_classes == spec.num_classes:
             return store
-        raise CilbenchError(f"{name} is already prepared from {store.manifest.get('source', {}).get('path')}; pass "
-                            f"--force to prepare it again from {folder}")
+        raise CilbenchError(f"{name} is already prepared from {prep._describe_source(store.manifest['source'])}; "
+                            f"pass --force to prepare it again from {folder}")
     if not folder.is_dir():
         raise CilbenchError(f"the folder of {name}, {folder}, is not there; bring it back, or register the new place"
                             f" with `cilbench datasets add {name} --source DIR --force`")

@@ -30,9 +30,6 @@ from cilbench.methods.contract import Batch, Phase, PhaseStats, Sampled, StepOut
 MAX_BAD_STEPS = 10
 
 
-TrainStats = PhaseStats  # the main phase's statistics (older name)
-
-
 def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -175,8 +172,9 @@ class _Epochs:
             return max(1, -(-self._first[1].shape[0] // self.bs))
         return max(1, -(-len(self.data) // self.bs))
 
-    def __len__(self) -> int:
-        return 0 if not self.sampled and len(self.data) == 0 else 1
+    @property
+    def empty(self) -> bool:
+        return not self.sampled and len(self.data) == 0
 
     def batches(self, epoch: int):
         """(inputs, labels) of each step of ``epoch``; inputs are images transformed for training or sampled."""
@@ -241,7 +239,7 @@ def run_phase(method: torch.nn.Module, phase: Phase, cfg: TrainConfig, task, tra
     data = train_data if phase.data is None else phase.data
     seed = seed if phase.seed is None else phase.seed
     epochs = _Epochs(data, s.batch_size, transform, phase.augment, device, seed, task.index)
-    if not phase.params or not len(epochs):
+    if not phase.params or epochs.empty:
         return stats
     optimizer = build_optimizer(phase.params, s)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
