@@ -116,7 +116,8 @@ class RunPlan:
             raise CilbenchError(f"unknown transform preset {preset!r} ({', '.join(PRESETS)})")
         found = overrides(method_cls, opts.dataset, opts.quick, opts.sets, cfg)
         label = scenario.name + (f"-{opts.class_order}" if opts.class_order else "")
-        return cls(opts, method_cls, method_origin(opts.method), cfg, sources, found, config_key(found, weights_sha256), backbone, spec,
+        return cls(opts, method_cls, method_origin(opts.method), cfg, sources, found,
+                   config_key(found, weights_sha256), backbone, spec,
                    weights_sha256, scenario, preset, label, opts.tag or ("quick" if opts.quick else ""))
 
 

@@ -238,7 +238,8 @@ def run_options(suite: Suite, row: SuiteRow, col: SuiteColumn, seed: int, out: P
 
     mtil = col.scenario.startswith("order-")
     return RunOptions(method=row.method, dataset=col.dataset, scenario=None if mtil else col.scenario,
-                      order=col.order if mtil else None, class_order=col.class_order, seed=seed, backbone=row.backbone or suite.backbone,
+                      order=col.order if mtil else None, class_order=col.class_order, seed=seed,
+                      backbone=row.backbone or suite.backbone,
                       sets={k: _set_text(v) for k, v in row.sets.items()}, out=out, device=device, quick=quick,
                       cache_dir=cache_dir)
 

@@ -244,8 +244,9 @@ class Runner:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             same = False
         if not same:
-            raise CilbenchError(f"{path} exists and was made with another configuration, class order or plugin version (or is not "
-                                f"a readable record); keep both with --tag TEXT or --out DIR, or move it away")
+            raise CilbenchError(f"{path} exists and was made with another configuration, class order or plugin "
+                                f"version (or is not a readable record); keep both with --tag TEXT or --out DIR, or "
+                                f"move it away")
 
     def existing_record_is_ours(self) -> bool:
         """True when the record at ``record_path`` exists: it was made with this run's configuration, since

@@ -225,8 +225,8 @@ def main_phase(method, task, data: Any, aux: dict[str, Any] | None = None) -> Ph
     on the first task), weight decay (``first_weight_decay`` on the first task), aux streams, ``after_step`` and
     frozen modules."""
     return Phase("train", method.training_step, method.param_groups(task), data=data, epochs=method.epochs_for(task),
-                 iterations=method.cfg.iterations, weight_decay=weight_decay_for(method.cfg, task), aux=aux or {}, after_step=method.after_step,
-                 frozen=tuple(method.frozen_modules()))
+                 iterations=method.cfg.iterations, weight_decay=weight_decay_for(method.cfg, task), aux=aux or {},
+                 after_step=method.after_step, frozen=tuple(method.frozen_modules()))
 
 
 def run_phase(method: torch.nn.Module, phase: Phase, cfg: TrainConfig, task, train_data: TaskData,
@@ -255,8 +255,7 @@ def run_phase(method: torch.nn.Module, phase: Phase, cfg: TrainConfig, task, tra
         sched_total, sched_steps_per_epoch = total, steps_per_epoch
         warmup = s.warmup_iterations or int(round(s.warmup_epochs * steps_per_epoch))
     min_ratio = s.min_lr / s.lr if s.lr > 0 else 0.0
-    label = f"{phase.name} {task.name}" if phase.name != "train" else f"train {task.name}"
-    update = progress(label, total) if progress else (lambda n, loss: None)
+    update = progress(f"{phase.name} {task.name}", total) if progress else (lambda n, loss: None)
     low_precision = not epochs.sampled  # sampled features are float32 statistics: no bf16 there
     if not epochs.sampled:  # an image phase trains the model; a sampled phase leaves modes as the method set them
         method.train()
@@ -295,7 +294,7 @@ def run_phase(method: torch.nn.Module, phase: Phase, cfg: TrainConfig, task, tra
             stats.steps += 1
             stats.images += int(labels.shape[0])
             update(1, None)
-        if counted:  # one host sync per epoch, not per step
+        if counted:  # losses and terms reach the host once per epoch (the NaN guard still checks each step)
             for name, total_value in sums.items():
                 stats.epoch_terms.setdefault(name, []).append(round(float(total_value) / counted, 6))
             stats.final_loss = float(last)
