@@ -126,6 +126,8 @@ def bench(method_name: str, backbone: str | None, batch_size: int | None, device
         "matmul_peak_tflops": round(peak, 3), "matmul_peak_dtype": "bf16" if device.type == "cuda" else "float32",
         "modes": [dataclasses.asdict(r) for r in results],
     }
+    if hasattr(cls, "parameter_report"):  # what the paper's cost table counts (MoE-Adapters Table 5)
+        out["parameters"] = cls.parameter_report(cfg, name)
     if len(results) == 2:
         a, b = results
         out["batched_over_sequential"] = {

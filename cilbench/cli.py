@@ -437,6 +437,8 @@ def run(
     quick: bool = typer.Option(False, "--quick", help="Smoke profile: tiny random backbone, few epochs, subset."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", envvar="CILBENCH_CACHE"),
     tag: str = typer.Option("", "--tag", help="Extra label in the record's file name."),
+    shots: Optional[int] = typer.Option(None, "--shots", help="Few-shot: train on N images per class, drawn once "
+                                        "per seed (mtil-fewshot: 5); the scenario is named ...-Nshot."),
     plugin: list[Path] = _plugin_option(),
 ) -> None:
     """Run one method on one benchmark and write a run record.
@@ -450,7 +452,7 @@ def run(
     _user_catalog(cache_dir)
     opts = RunOptions(method=method, dataset=dataset, scenario=scenario, order=order, class_order=class_order,
                       seed=seed, backbone=backbone, weights=weights, sets=parse_sets(set_), out=out, device=device,
-                      resume=resume, quick=quick, cache_dir=cache_dir, tag=tag)
+                      resume=resume, quick=quick, cache_dir=cache_dir, tag=tag, shots=shots)
     runner = Runner(opts, console=console)
     label = " " + escape(f"[{runner.config_label()}]") if runner.config_label() else ""
     console.print(f"[bold]{method}[/]{label} on {dataset} {runner.scenario.name} ({len(runner.scenario.tasks)} "
@@ -481,7 +483,8 @@ def bench_cmd(
     """Time a method's training and inference steps on synthetic data: images/s, peak memory, FLOPs and, on
     CUDA, TFLOP/s against the device's bf16 matmul rate. CICAE is timed with batched and sequential experts.
 
-    Example: [bold]cilbench bench cicae[/]  or  [bold]cilbench bench cicae --backbone vit-b16-in21k --device cuda[/]
+    Example: [bold]cilbench bench cicae[/]  or  [bold]cilbench bench moe-adapters --backbone clip-vit-b16[/] (also
+    prints the parameter counts of MoE-Adapters Table 5)
     """
     from cilbench.bench import bench
     from cilbench.engine.runner import pick_device
@@ -512,6 +515,8 @@ def bench_cmd(
     ratio = result.get("batched_over_sequential")
     if ratio:
         console.print(f"batched / sequential experts: training x{ratio['train']}, inference x{ratio['inference']}")
+    for what, count in (result.get("parameters") or {}).items():
+        console.print(f"parameters, {what.replace('_', ' ')}: {count:,} ({count / 1e6:.1f}M)")
 
 
 class _progress:

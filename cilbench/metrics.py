@@ -6,7 +6,8 @@ mean when the counts are not known). A_avg = mean(A_1..A_T), A_last = A_T; forge
 (max over earlier rows of acc[i, j]) - acc[T, j].
 
 MTIL (ZSCL): Transfer_j = mean(acc[0..j-1, j]) for j >= 1 and Transfer = mean over j >= 1; Average_j = mean of
-column j over all rows and Average = mean over j; Last = mean of the last row.
+column j over all rows and Average = mean over j; Last = mean of the last row. Accuracy_j = acc[j, j], each dataset
+right after training on it (the upper-bound rows of MoE-Adapters Table 1, where every dataset is trained apart).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def mtil_metrics(matrix) -> dict[str, float | list[float | None]]:
         raise ValueError("an MTIL matrix needs every entry (unseen datasets too: Transfer uses them)")
     transfer = [None] + [float(acc[:j, j].mean()) for j in range(1, n_cols)]
     average = [float(acc[:, j].mean()) for j in range(n_cols)]
+    diagonal = [float(acc[j, j]) for j in range(n_cols)]
     return {
         "transfer": float(np.mean(transfer[1:])) if n_cols > 1 else None,
         "average": float(np.mean(average)),
@@ -74,6 +76,8 @@ def mtil_metrics(matrix) -> dict[str, float | list[float | None]]:
         "transfer_per_dataset": transfer,
         "average_per_dataset": average,
         "last_per_dataset": [float(v) for v in acc[-1]],
+        "accuracy": float(np.mean(diagonal)),
+        "accuracy_per_dataset": diagonal,
     }
 
 

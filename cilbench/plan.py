@@ -39,6 +39,7 @@ class RunOptions:
     quick: bool = False
     cache_dir: Path | None = None
     tag: str = ""
+    shots: int | None = None  # few-shot: training images per class, drawn once (None: the dataset's own)
 
 
 @dataclass
@@ -105,12 +106,13 @@ class RunPlan:
         if opts.quick and spec.tiny:
             backbone, spec = spec.tiny, BACKBONES.get(spec.tiny)
         weights_sha256 = _weights_sha256(opts, spec) if hash_weights else None
-        scenario = build_scenario(opts.dataset, opts.scenario, opts.seed, opts.class_order, opts.order)
+        scenario = build_scenario(opts.dataset, opts.scenario, opts.seed, opts.class_order, opts.order, opts.shots)
         if method_cls.merges_tasks:
             scenario = _merge_tasks(scenario)
         if scenario.kind == "mtil" and not method_cls.zero_shot:
             raise CilbenchError(f"{opts.method} cannot score datasets it has not trained on, which the MTIL matrix "
                                 f"needs for Transfer; run a CLIP method on {opts.dataset}")
+        method_cls.check_plan(cfg, scenario)
         preset = cfg.transform or spec.preset
         if preset not in PRESETS:
             raise CilbenchError(f"unknown transform preset {preset!r} ({', '.join(PRESETS)})")

@@ -113,6 +113,7 @@ class SequenceSpec:
     orders: dict[str, tuple[str, ...]]
     default_order: str = "I"
     domains_of: str | None = None  # a sequence made of the domains of one multi-domain store (synthetic)
+    shots: int | None = None  # few-shot: training images per class drawn once (``--shots`` overrides)
 
     def datasets(self, order: str | None = None) -> tuple[str, ...]:
         return self.orders[order or self.default_order]
@@ -316,6 +317,8 @@ _ORDER_II = ("cars", "food", "mnist", "pets", "flowers", "sun397", "aircraft", "
              "cifar100")
 register(SequenceSpec("mtil", "MTIL: 11 datasets, task-incremental across domains (ZSCL / MoE-Adapters)",
                       orders={"I": _ORDER_I, "II": _ORDER_II}))
+register(SequenceSpec("mtil-fewshot", "few-shot MTIL: the 11 MTIL datasets, 5 training images per class drawn once "
+                      "(MoE-Adapters Table 2)", orders={"I": _ORDER_I, "II": _ORDER_II}, shots=5))
 register(SequenceSpec("synthetic-mtil", "offline MTIL-shaped sequence: the 4 domains of `synthetic`, 5 classes each",
                       orders={"I": ("synthetic/0", "synthetic/1", "synthetic/2", "synthetic/3"),
                               "II": ("synthetic/3", "synthetic/2", "synthetic/1", "synthetic/0")},

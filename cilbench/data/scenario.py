@@ -149,6 +149,7 @@ class Scenario:
     class_order: list[int] = field(default_factory=list)
     class_order_name: str = ""
     seed: int = 1993
+    shots: int | None = None  # training images per class (few-shot), drawn once per run seed; None: all
 
     @property
     def increments(self) -> list[int]:
@@ -159,7 +160,7 @@ class Scenario:
 
     def describe(self) -> dict:
         out = {"dataset": self.dataset, "kind": self.kind, "scenario": self.name, "num_classes": self.num_classes,
-               "seed": self.seed}
+               "seed": self.seed, "shots": self.shots}
         if self.kind == "cil":
             starts = np.cumsum([0] + self.increments)
             out.update(class_order=self.class_order, class_order_name=self.class_order_name,
@@ -220,15 +221,27 @@ def member_num_classes(seq: SequenceSpec, member: str) -> int:
 
 
 def build_scenario(dataset: str, scenario: str | None = None, seed: int = 1993, order_name: str | None = None,
-                   mtil_order: str | None = None) -> Scenario:
-    """The scenario from the catalog alone (no images needed)."""
+                   mtil_order: str | None = None, shots: int | None = None) -> Scenario:
+    """The scenario from the catalog alone (no images needed). ``shots``: train on that many images per class
+    (drawn once); a number other than the dataset's own (``mtil-fewshot``: 5) names the scenario ``...-{n}shot``, so
+    its records never mix with the full-data ones."""
     check_seed(seed)
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
+        raise CilbenchError(f"--shots must be a whole number of images per class, at least 1, not {shots!r}")
     spec = get_spec(dataset)
     if isinstance(spec, SequenceSpec):
         if scenario and not scenario.startswith("order-"):
             raise CilbenchError(f"{dataset} is a dataset sequence: use --order I|II, not --scenario {scenario}")
-        return sequence_scenario(dataset, mtil_order or (scenario or "").removeprefix("order-") or None, seed)
-    if mtil_order:
-        raise CilbenchError(f"--order {mtil_order} is for dataset sequences (mtil); {dataset} is class-incremental: "
-                            f"use --scenario B<base>Inc<step>")
-    return cil_scenario(dataset, scenario or spec.default_scenario, seed, order_name)
+        scenario = (scenario or "").removesuffix(f"-{shots}shot") if shots else scenario
+        out = sequence_scenario(dataset, mtil_order or (scenario or "").removeprefix("order-") or None, seed)
+    else:
+        if mtil_order:
+            raise CilbenchError(f"--order {mtil_order} is for dataset sequences (mtil); {dataset} is "
+                                f"class-incremental: use --scenario B<base>Inc<step>")
+        scenario = (scenario or "").removesuffix(f"-{shots}shot") if shots else scenario
+        out = cil_scenario(dataset, scenario or spec.default_scenario, seed, order_name)
+    own = getattr(spec, "shots", None)
+    out.shots = shots if shots is not None else own
+    if shots is not None and shots != own:
+        out.name = f"{out.name}-{shots}shot"
+    return out

@@ -18,6 +18,9 @@ from cilbench.engine.loader import BatchStream, TaskData
 from cilbench.engine.trainer import autocast
 
 
+EVAL_CROP_SEED = 7_919_000
+
+
 @dataclass
 class EvalRow:
     correct: list[int | None]
@@ -45,6 +48,13 @@ def evaluate_row(method, scenario, row: int, test: list[TaskData], transform: Im
     method.eval()
     start = time.perf_counter()
     n_tasks = len(scenario.tasks)
+    # a method may evaluate under its training transform (the official MoE-Adapters CIL code does, as a setting);
+    # its random crops are then drawn from a generator of their own, so a resumed run scores the same crops
+    augment = bool(getattr(method, "eval_augment", False))
+    gen = torch.Generator().manual_seed(EVAL_CROP_SEED + row) if augment else None
+
+    def view(images: torch.Tensor) -> torch.Tensor:
+        return transform(images, train=augment, generator=gen)
     correct: dict[str, list[int | None]] = {}  # "" is the method's answer, other keys its extra views
     images = 0
 
@@ -59,7 +69,7 @@ def evaluate_row(method, scenario, row: int, test: list[TaskData], transform: Im
         which_task = np.concatenate([np.full(len(t), j) for j, t in enumerate(test[: row + 1])])
         hits: dict[str, np.ndarray] = {}
         for raw in BatchStream(data, batch_size, device):
-            for name, pred in _predict(method, transform(raw.images, train=False), seen, device).items():
+            for name, pred in _predict(method, view(raw.images), seen, device).items():
                 hits.setdefault(name, np.zeros(len(data), dtype=bool))[raw.rows] = (pred == raw.labels).cpu().numpy()
             images += len(raw.rows)
         for name, h in hits.items():
@@ -69,7 +79,7 @@ def evaluate_row(method, scenario, row: int, test: list[TaskData], transform: Im
         for j, task in enumerate(scenario.tasks):
             classes = torch.tensor(task.classes, device=device)
             for raw in BatchStream(test[j], batch_size, device):
-                for name, pred in _predict(method, transform(raw.images, train=False), classes, device).items():
+                for name, pred in _predict(method, view(raw.images), classes, device).items():
                     count(name, j, int((pred == raw.labels).sum()))
                 images += len(raw.rows)
     if device.type == "cuda":

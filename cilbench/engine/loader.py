@@ -17,6 +17,38 @@ import numpy as np
 import torch
 
 
+class ConcatImages:
+    """Several stores' image arrays seen as one (rows numbered store after store), for data that spans stores: an
+    exemplar memory over the datasets of an MTIL sequence. The stores must share one image size."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        flat: list[np.ndarray] = []
+        for p in parts:
+            flat.extend(p.parts if isinstance(p, ConcatImages) else [p])
+        if len({p.shape[1:] for p in flat}) > 1:
+            raise ValueError("cannot join stores of different image sizes "
+                             f"({', '.join(sorted({str(p.shape[1]) for p in flat}))} px) into one stream")
+        self.parts = flat
+        self.offsets = np.cumsum([0] + [len(p) for p in flat])
+        self.shape = (int(self.offsets[-1]),) + tuple(flat[0].shape[1:])
+        self.dtype = flat[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def offset_of(self, part: np.ndarray) -> int:
+        return int(self.offsets[next(i for i, p in enumerate(self.parts) if p is part)])
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows)
+        which = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = np.empty((len(rows),) + self.shape[1:], dtype=self.dtype)
+        for k in np.unique(which):
+            mask = which == k
+            out[mask] = self.parts[k][rows[mask] - self.offsets[k]]
+        return out
+
+
 @dataclass
 class TaskData:
     """The images of one task and split: rows of a store plus their labels in the scenario's global ids."""
@@ -33,9 +65,26 @@ class TaskData:
 
     @staticmethod
     def concat(parts: list["TaskData"]) -> "TaskData":
-        assert all(p.images is parts[0].images for p in parts), "can only join subsets of one store"
-        return TaskData(parts[0].images, np.concatenate([p.indices for p in parts]),
-                        np.concatenate([p.labels for p in parts]))
+        """One ``TaskData`` of the rows of ``parts`` in order; parts of different stores (of one image size) are
+        joined through ``ConcatImages``."""
+        if all(p.images is parts[0].images for p in parts):
+            return TaskData(parts[0].images, np.concatenate([p.indices for p in parts]),
+                            np.concatenate([p.labels for p in parts]))
+        stores: list[np.ndarray] = []
+        for p in parts:
+            for arr in (p.images.parts if isinstance(p.images, ConcatImages) else [p.images]):
+                if not any(arr is s for s in stores):
+                    stores.append(arr)
+        joined = ConcatImages(stores)
+
+        def rows(p: "TaskData") -> np.ndarray:
+            if isinstance(p.images, ConcatImages):  # re-number each of its rows into the joined numbering
+                which = np.searchsorted(p.images.offsets, p.indices, side="right") - 1
+                base = np.array([joined.offset_of(a) - int(o) for a, o in zip(p.images.parts, p.images.offsets)])
+                return p.indices + base[which]
+            return p.indices + joined.offset_of(p.images)
+
+        return TaskData(joined, np.concatenate([rows(p) for p in parts]), np.concatenate([p.labels for p in parts]))
 
 
 @dataclass

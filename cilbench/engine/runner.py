@@ -46,6 +46,7 @@ from cilbench.utils import atomic_write_json, cache_dir, check_writable, git_has
 
 QUICK_TRAIN_PER_CLASS = 40
 QUICK_TEST_PER_CLASS = 20
+SHOTS_SEED_OFFSET = 5  # the few-shot draw's seed is the run seed + 5, apart from the quick profile's subset
 
 
 def pick_device(name: str) -> torch.device:
@@ -122,6 +123,11 @@ class RunTaskContext:
         for key, value in values.items():
             self.logged[key] = check_log_value(key, value)
 
+    def reference(self, name: str) -> Any:
+        """The reference data the method declared under ``name`` (``Method.references``): a ``TaskData`` of a
+        store, or a list of captions."""
+        return self._runner.references.get(name)
+
     def record(self) -> dict[str, Any]:
         return {"task": self.task.index, **self.logged, "phases": self.phases}
 
@@ -159,6 +165,8 @@ class ScenarioData:
                 rows = np.nonzero(glob >= 0)[0]
                 if quick:
                     rows = _cap_per_class(rows, glob[rows], cap, seed)
+                if split_name == "train" and scenario.shots:  # few-shot: drawn once per run seed, before training
+                    rows = _cap_per_class(rows, glob[rows], scenario.shots, seed + SHOTS_SEED_OFFSET)
                 out.append(TaskData(split.images, rows, glob[rows]))
         self.stores = stores
         self.manifest_sha256 = {name: sha256_file(store.root / "manifest.json") for name, store in stores.items()}
@@ -198,6 +206,53 @@ class ScenarioData:
         return tuple(names[c] for c in task.source_labels)
 
 
+class ReferenceData:
+    """The data a method reads beside the scenario's (``Method.references``): prepared stores read whole and
+    caption files, opened before any training so a missing one is one line, with their identity for the record."""
+
+    def __init__(self, refs: dict[str, Any], cache: Path, quick: bool, seed: int):
+        from cilbench.data.prepare import open_store
+
+        self.items: dict[str, Any] = {}
+        self.identity: dict[str, dict[str, Any]] = {}
+        for name, ref in refs.items():
+            if ref.store:
+                try:
+                    store = open_store(ref.store, cache)
+                except CilbenchError as err:
+                    raise CilbenchError(f"{ref.purpose or name} (--set {ref.setting or name}={ref.store}): "
+                                        f"{err}") from None
+                if ref.split not in store.split_names:
+                    raise CilbenchError(f"{ref.purpose or name}: store {ref.store} has no {ref.split!r} split "
+                                        f"({', '.join(store.split_names)})")
+                split = store.split(ref.split)
+                rows = np.arange(len(split.labels))
+                if quick:
+                    rows = _cap_per_class(rows, split.labels, QUICK_TRAIN_PER_CLASS, seed)
+                self.items[name] = TaskData(split.images, rows, np.asarray(split.labels, dtype=np.int64)[rows])
+                m = store.manifest
+                content = dict(source=m.get("source"), split=ref.split, files={k: f.get("sha256") for k, f in
+                                                                               m["splits"][ref.split]["files"].items()})
+                self.identity[f"reference:{name}"] = {
+                    "store": ref.store, "split": ref.split, "count": int(len(rows)),
+                    "source": (m.get("source") or {}).get("kind"), "path": (m.get("source") or {}).get("path"),
+                    "content_sha256": hashlib.sha256(json.dumps(content, sort_keys=True, default=str)
+                                                     .encode()).hexdigest()}
+            elif ref.captions:
+                from cilbench.data.captions import read_captions
+
+                captions, sha = read_captions(ref.captions, what=f"{ref.purpose or name} (--set "
+                                                                 f"{ref.setting or name}=FILE)")
+                self.items[name] = captions
+                self.identity[f"reference:{name}"] = {"captions": ref.captions, "count": len(captions),
+                                                      "content_sha256": sha}
+
+    def get(self, name: str) -> Any:
+        if name not in self.items:
+            raise KeyError(f"no reference data named {name!r}: declare it in the method's references()")
+        return self.items[name]
+
+
 def _cap_per_class(rows: np.ndarray, labels: np.ndarray, cap: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     keep = []
@@ -227,6 +282,7 @@ class Runner:
         check_writable(self.checkpoint.meta_path, "checkpoint")
         self._refuse_other_config()
         self.data_identity: dict[str, Any] = {}
+        self.references: ReferenceData | None = None
         self.saved_tasks = 0  # tasks covered by the checkpoint on disk (for the interrupt message)
 
     def _refuse_other_config(self) -> None:
@@ -272,7 +328,9 @@ class Runner:
         for stale in self.record_path.parent.glob(f".{glob.escape(self.record_path.name)}.*.tmp"):
             stale.unlink(missing_ok=True)  # left by a write this run's process was killed in
         data = ScenarioData(scenario, self.cache, opts.quick, opts.seed)
-        self.data_identity = data.identity()
+        self.references = ReferenceData(self.method_cls.references(self.cfg, scenario), self.cache, opts.quick,
+                                        opts.seed)
+        self.data_identity = {**data.identity(), **self.references.identity}
         scenario.tasks = [dataclasses.replace(t, class_names=data.class_names(t)) for t in scenario.tasks]
         n = len(scenario.tasks)
         resumed = None

@@ -25,7 +25,7 @@ from cilbench.data.augment import ImageTransform
 from cilbench.engine.loader import BatchStream, TaskData
 from cilbench.errors import CilbenchError
 from cilbench.methods.base import TrainConfig
-from cilbench.methods.contract import Batch, Phase, PhaseStats, Sampled, StepOutput
+from cilbench.methods.contract import Batch, Phase, PhaseStats, Sampled, StepOutput, Stream
 
 MAX_BAD_STEPS = 10
 
@@ -201,7 +201,9 @@ class _Aux:
 
     def __init__(self, streams: dict[str, Any], batch_size: int, transform: ImageTransform, device: torch.device,
                  seed: int, task_index: int):
-        self.streams = {name: (data, iter(())) for name, data in streams.items()}
+        streams = {name: s if isinstance(s, Stream) else Stream(s) for name, s in streams.items()}
+        self.augment = {name: s.augment for name, s in streams.items()}
+        self.streams = {name: (s.data, iter(())) for name, s in streams.items()}
         self.epochs = {name: 0 for name in streams}
         self.bs, self.transform, self.device, self.seed, self.task_index = batch_size, transform, device, seed, \
             task_index
@@ -216,7 +218,7 @@ class _Aux:
                 self.epochs[name] += 1
                 self.streams[name] = (data, it)
                 raw = next(it)
-            out[name] = Batch(self.transform(raw.images, train=True), raw.labels, task)
+            out[name] = Batch(self.transform(raw.images, train=self.augment[name]), raw.labels, task)
         return out
 
 

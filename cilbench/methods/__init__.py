@@ -21,6 +21,13 @@ _LAZY = {
     "ranpac": "cilbench.methods.ranpac:RanPAC",
     "cicae": "cilbench.methods.cicae:CICAE",
     "icarl": "cilbench.methods.icarl:ICaRL",
+    "moe-adapters": "cilbench.methods.moe_adapters:MoEAdapters",
+    "continual-ft": "cilbench.methods.zscl:ContinualFT",
+    "lwf": "cilbench.methods.zscl:LwF",
+    "lwf-vr": "cilbench.methods.zscl:LwFVR",
+    "icarl-clip": "cilbench.methods.zscl:ICaRLCLIP",
+    "wise-ft": "cilbench.methods.zscl:WiSEFT",
+    "zscl": "cilbench.methods.zscl:ZSCL",
 }
 BUILTIN_METHODS = frozenset(_LAZY)  # the published methods: a plugin may never take one of these names
 for _name, _target in _LAZY.items():

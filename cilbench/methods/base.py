@@ -103,6 +103,17 @@ class Method(nn.Module):
         self.backbone = backbone
         self.scenario = scenario
 
+    @classmethod
+    def check_plan(cls, cfg: TrainConfig, scenario: Any) -> None:
+        """Refuse, in one line, a configuration that does not fit the scenario, before any data or model loads."""
+
+    @classmethod
+    def references(cls, cfg: TrainConfig, scenario: Any) -> dict[str, Any]:
+        """Data the method reads beside the scenario's, as ``methods.contract.Reference``s by name (ZSCL's
+        reference images and captions); the runner opens them before any training and ``ctx.reference(name)``
+        gives them."""
+        return {}
+
     # ---- hooks, in the order the runner calls them (methods.contract has the whole list) ----
     def before_task(self, task) -> None:
         """Grow structure for ``task`` (heads, adapters). Structural only: it is replayed on resume."""

@@ -11,7 +11,7 @@ The runner calls a method's hooks in this order, for every task::
     before_task(task)            structure only (heads, adapters); replayed on resume
     before_fit(task, ctx)        e.g. features before tuning (drift)
     train_data(task, ctx)        the data of the main phase (replay: the task's data joined with the memory's)
-    aux_streams(task, ctx)       further data streams, one batch of each per step (``Batch.aux``)
+    aux_streams(task, ctx)       further data streams, one batch of each per step (``Batch.aux``; ``Stream``)
     param_groups(task)           what trains, at which learning rate ([]: nothing trains)
     ctx.fit(main phase)          training_step(batch) each step, after_step(step) after each optimiser step
     after_task(task, ctx)        statistics, memory updates, second phases (``ctx.fit(Phase(...))``)
@@ -69,6 +69,31 @@ class StepOutput:
 
 
 StepResult = Union[torch.Tensor, StepOutput]
+
+
+@dataclass(frozen=True)
+class Stream:
+    """An aux stream whose images take the test transform (``augment=False``: ZSCL's reference images) or the
+    training one; a plain ``Data`` in ``aux_streams`` is a ``Stream(data)`` with the training transform."""
+
+    data: Any
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Data a method reads beside the scenario's, declared before the run starts (``Method.references``) so a
+    missing one is one line before any training, and its identity goes into the record and the resume fingerprint:
+    a prepared ``store`` (read whole, its ``split``: ZSCL's ImageNet images, DDAS's TinyImageNet) or a ``captions``
+    file (one caption per line, or a CSV / TSV with a ``caption`` or ``title`` column; ``builtin:tiny`` is a small
+    list shipped with cilbench for tests and ``--quick``). ``ctx.reference(name)`` gives the ``Data`` or the list of
+    captions. ``purpose`` and ``setting`` (the config field naming it) make the error say what to provide."""
+
+    store: str | None = None
+    split: str = "train"
+    captions: str | None = None
+    purpose: str = ""
+    setting: str = ""
 
 
 @dataclass
@@ -148,6 +173,8 @@ class TaskContext(Protocol):
     def rng(self, purpose: str = "", device: torch.device | str | None = None) -> torch.Generator: ...
 
     def log(self, **values: Any) -> None: ...
+
+    def reference(self, name: str) -> Any: ...
 
 
 def check_log_value(key: str, value: Any) -> Any:

@@ -36,11 +36,11 @@ from cilbench.results.references import paper_number
 GROUP_KEYS = ("method", "dataset", "scenario", "backbone", "profile", "config_key")
 # config_label: the readable name of config_key ("lambda1=0, lambda2=0"), the same for every run of a group
 RUN_KEYS = (*GROUP_KEYS, "config_label", "seed", "kind", "finished_at", "path")  # the non-metric columns of ``collect``
-RUN_METRICS = {"cil": ("A_avg", "A_last", "forgetting"), "mtil": ("transfer", "average", "last")}
+RUN_METRICS = {"cil": ("A_avg", "A_last", "forgetting"), "mtil": ("transfer", "average", "last", "accuracy")}
 HEADLINE_METRICS = {"cil": ("A_avg", "A_last"), "mtil": ("transfer", "average", "last")}
 ALL_METRICS = RUN_METRICS["cil"] + RUN_METRICS["mtil"]
 METRIC_LABELS = {"A_avg": "A_avg", "A_last": "A_last", "forgetting": "Forgetting", "transfer": "Transfer",
-                 "average": "Average", "last": "Last"}
+                 "average": "Average", "last": "Last", "accuracy": "Accuracy"}
 FORMATS = ("rich", "markdown", "csv", "latex")
 EMPTY = "-"  # a cell without runs
 
