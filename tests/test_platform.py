@@ -31,6 +31,8 @@ def _small_sets(name: str) -> dict[str, str]:
     cls = load_method(name)
     if "epochs" in cls.unused_settings:
         return {}
+    if cls.Config().iterations is not None:  # counted in iterations (the continual-CLIP methods)
+        return {"iterations": "6"}
     return SMALL_CA if "ca_epochs" in cls.Config.__dataclass_fields__ else SMALL
 
 
@@ -83,6 +85,30 @@ def test_every_method_runs_quick_and_resumes_with_identical_numbers(name, tmp_pa
     assert [t["final_loss"] for t in resumed["timings"]["tasks"]] == [t["final_loss"] for t in full["timings"]["tasks"]]
     strip = [{**t, "phases": {k: {**v, "seconds": 0} for k, v in t["phases"].items()}} for t in full["log"]]
     assert [{**t, "phases": {k: {**v, "seconds": 0} for k, v in t["phases"].items()}} for t in resumed["log"]] == strip
+
+
+def _clip_methods() -> list[str]:
+    from cilbench.methods import load_all
+
+    load_all()  # the lazy names carry their metadata once imported
+    return sorted(n for n in METHODS.names() if METHODS.metadata(n).get("family") == "clip")
+
+
+@pytest.mark.parametrize("name", _clip_methods())
+def test_every_clip_method_runs_the_multi_domain_sequence_and_resumes_exactly(name, tmp_path, monkeypatch):
+    """The MTIL-shaped synthetic sequence (4 domains as 4 datasets): the full matrix, Transfer included, and an
+    interrupted run resumed to the same numbers."""
+    sets = _small_sets(name)
+    full = _run(name, "synthetic-mtil", tmp_path / "full", sets)
+    assert full["kind"] == "mtil" and len(full["accuracy_matrix"]) == 4
+    assert all(v is not None for row in full["accuracy_matrix"] for v in row)
+    monkeypatch.setenv("CILBENCH_TEST_INTERRUPT_AFTER_TASK", "1")
+    with pytest.raises(KeyboardInterrupt):
+        _run(name, "synthetic-mtil", tmp_path / "resumed", sets)
+    monkeypatch.delenv("CILBENCH_TEST_INTERRUPT_AFTER_TASK")
+    resumed = _run(name, "synthetic-mtil", tmp_path / "resumed", sets, resume=True)
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"] and resumed["views"] == full["views"]
+    assert resumed["data"] == full["data"]
 
 
 # ------------------------------------------------------------------------------------------------ before / after
