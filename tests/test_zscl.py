@@ -6,7 +6,6 @@ Tiny random CLIP (``clip-tiny``)."""
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -165,7 +164,7 @@ def test_wise_merge_by_hand():
 
 
 def test_l2_is_the_sum_of_squared_differences_to_the_task_start_logit_scale_included():
-    m = _method("zscl")
+    m = _method("zscl", l2=1)
     task = m.scenario.tasks[0]
     m.before_fit(task, _Ctx())
     with torch.no_grad():
@@ -293,12 +292,14 @@ def test_zscl_without_its_reference_store_is_one_line(cli, tmp_path):
 def test_zscl_quick_run_through_the_cli(cli, tmp_path):
     import json
 
-    r = cli("run", "zscl", "--dataset", "synthetic-mtil", "--quick", "--out", tmp_path, "--device", "cpu")
+    r = cli("run", "zscl", "--dataset", "synthetic-mtil", "--quick", "--out", tmp_path, "--device", "cpu",
+            "--set", "iterations=8", "--set", "batch_size=16", "--set", "we_every=3")
     assert r.code == 0, r.err
     record = json.loads(next(tmp_path.glob("zscl__*.json")).read_text())
     steps = record["config"]["iterations"]
     every = record["config"]["we_every"]
+    assert 1 + len(range(0, steps, every)) == 4  # the start + steps 0, 3, 6
     for task in record["log"]:
-        assert task["we_models"] == 1 + len(range(0, steps, every))
+        assert task["we_models"] == 4
         assert set(task["phases"]["train"]["epochs"]) == {"loss", "ce", "kd_image", "kd_text", "l2"}
     assert record["data"]["reference:captions"]["captions"] == "builtin:tiny"
