@@ -67,6 +67,8 @@ def test_mtil_transfer_average_last():
     assert m["last"] == pytest.approx(59.0)
     # the three formulas give three different numbers on this matrix, so none can stand in for another
     assert len({m["transfer"], m["average"], m["last"]}) == 3
+    # Accuracy_j: each dataset right after training on it (the diagonal; the upper-bound rows of MoE-Adapters)
+    assert m["accuracy_per_dataset"] == [50.0, 60.0, 70.0, 80.0] and m["accuracy"] == pytest.approx(65.0)
 
 
 def test_mtil_needs_a_full_square_matrix():

@@ -217,6 +217,14 @@ class ReferenceData:
         self.identity: dict[str, dict[str, Any]] = {}
         for name, ref in refs.items():
             if ref.store:
+                from cilbench.data.catalog import get_spec
+
+                try:
+                    get_spec(ref.store)
+                except CilbenchError:
+                    raise CilbenchError(f"{ref.purpose or name}: no dataset {ref.store!r} in the catalog; register "
+                                        f"an image folder with `cilbench datasets add {ref.store} --source DIR` and "
+                                        f"prepare it, or name another with --set {ref.setting or name}=NAME") from None
                 try:
                     store = open_store(ref.store, cache)
                 except CilbenchError as err:
@@ -246,6 +254,8 @@ class ReferenceData:
                 self.items[name] = captions
                 self.identity[f"reference:{name}"] = {"captions": ref.captions, "count": len(captions),
                                                       "content_sha256": sha}
+            else:
+                raise CilbenchError(f"{ref.purpose or name}: --set {ref.setting or name}= names no store or file")
 
     def get(self, name: str) -> Any:
         if name not in self.items:
@@ -482,7 +492,8 @@ class Runner:
             "config_sources": self.config_sources,
             "run": {"device": opts.device, "cache_dir": str(self.cache), "weights": opts.weights,
                     "weights_sha256": self.weights_sha256, "image_sizes": sorted(data.image_sizes),
-                    "merged_tasks": self.method_cls.merges_tasks, "tag": opts.tag},
+                    "merged_tasks": self.method_cls.merges_tasks, "tag": opts.tag,
+                    "shots": scenario.shots},
             "data": self.data_identity,
             "accuracy_matrix": matrix,
             "test_counts": counts,

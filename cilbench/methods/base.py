@@ -62,6 +62,9 @@ class TrainConfig:
         "optimizer": ("sgd", "adamw", "adam"), "schedule": ("cosine", "constant", "step"),
         "schedule_unit": ("epoch", "iteration")}
     SIGNED: ClassVar[frozenset[str]] = frozenset()
+    # string settings that name something outside the method (a prepared store, a file): no fixed choices; each is
+    # checked where it is used (a missing store or file is one line before training)
+    FREE_TEXT: ClassVar[frozenset[str]] = frozenset()
 
 
 # the TrainConfig fields only gradient training reads: a method that never trains lists them as unused

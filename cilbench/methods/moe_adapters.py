@@ -8,20 +8,22 @@ lives in ``models.peft`` (``moe``: experts, routers, gating) and ``models.ddas``
   at init) in every block of the image **and** the text encoder, fed with the post-attention residual stream, added
   beside the MLP. The CLIP weights and ``logit_scale`` stay frozen.
 * **Routers** (§2.1): one per task on MTIL (``routers="auto"``: per task on sequences, one shared in
-  class-incremental scenarios, where no selector knows the task), a zero-initialised ``d x E`` matrix plus a zero noise
-  matrix per block; noisy top-k gating on token 0 (CLS / SOT), softmax over the chosen k, the whole sample to its k
-  experts. No load-balance loss (the official code computes and discards it).
+  class-incremental scenarios, where no selector knows the task), a zero-initialised ``d x E`` matrix plus a zero
+  noise matrix per block; noisy top-k gating on token 0 (CLS / SOT), softmax over the chosen k, the whole sample to
+  its k experts. No load-balance loss (the official code computes and discards it).
 * **Activate-freeze** (§2.2): during a task every block counts, per sample, the experts its gates choose (image and
   text apart; every class prompt counts once per step since the text side encodes all prompts each step); after
-  the task the ``freeze_experts`` (2 with per-task routers) most chosen experts of every block are frozen for all later tasks,
-  cumulatively (ties to the lower index; the official code's tie order on CPU is unspecified). Routers never freeze.
+  the task the ``freeze_experts`` (2 with per-task routers) most chosen experts of every block are frozen for all
+  later tasks, cumulatively (ties to the lower index; the official code's tie order on CPU is unspecified). Routers
+  never freeze.
 * **Training** (§2.3): CE with label smoothing 0.2 over the current dataset's first-template prompts, AdamW wd 0,
   100-iteration warmup then cosine, batch 64, 1000 iterations, per-dataset learning rates of the Order-I script
   (``clip_base``). ``--set iterations=3000`` is the paper's "Ours†" (no official script: UNVERIFIED settings).
 * **DDAS** (§2.4): AlexNet ``features[:-2]`` + sigmoid on the CLIP-normalised image; an autoencoder per task plus one
   on a reference set (TinyImageNet in the paper, ``ddas_reference``), trained after each task (Adam, wd 1e-4,
-  lr 0.01 times 0.1 every 10 passes over the data, 1000 iterations on the reference set, 300 per task). At test time, per test batch (``ddas_per_image``
-  decides per image), the lowest mean reconstruction error picks the task's router for both encoders; the
+  lr 0.01 times 0.1 every 10 passes over the data, 1000 iterations on the reference set, 300 per task). At test
+  time, per test batch of 128 (``ddas_per_image`` decides per image), the lowest mean reconstruction error picks
+  the task's router for both encoders; the
   reference autoencoder winning, or an error above ``ddas_threshold`` (0.0655), selects the original CLIP. The
   record's main accuracy is DDAS's; the view ``oracle`` scores each dataset with its own task's router (the original
   CLIP for datasets not trained yet), so the table shows what the selector costs.
@@ -99,6 +101,7 @@ class MoEAdapters(CLIPMethod):
         LIMITS = {**CLIPConfig.LIMITS, "num_experts": (1, None), "top_k": (1, None),
                   "ddas_reference_iterations": (1, None), "ddas_task_iterations": (1, None),
                   "bottleneck": (1, None)}
+        FREE_TEXT = frozenset({"ddas_reference", "ddas_weights"})
         CHOICES = {**CLIPConfig.CHOICES, "routers": ("auto", "per-task", "shared"), "noise": ("train", "always", "off"),
                    "eval_crop": ("center", "train"), "ddas_compete": ("all", "trained")}
 

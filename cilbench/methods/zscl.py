@@ -417,6 +417,8 @@ class ZSCL(ContinualCLIP):
     class Config(DistilConfig):
         ref_images: str = "imagenet"  # prepared store of reference images (ImageNet's training set in the paper)
         ref_captions: str = ""  # caption file (Conceptual Captions validation: ZSCL's gather_cc.py CSV); required
+
+        FREE_TEXT = frozenset({"ref_images", "ref_captions"})
         l2: float = 1.0
         we_every: int = 100  # weight ensemble every that many iterations (0: off)
 
@@ -436,8 +438,7 @@ class ZSCL(ContinualCLIP):
         images = "ImageNet's training set in the paper" if scenario.kind == "mtil" else \
             "the Conceptual Captions images in the paper"
         return {"images": Reference(store=cfg.ref_images, split="train", setting="ref_images",
-                                    purpose=f"zscl's reference images ({images}; register an image folder with "
-                                            f"`cilbench datasets add NAME --source DIR`)"),
+                                    purpose=f"zscl's reference images ({images})"),
                 "captions": Reference(captions=cfg.ref_captions, purpose="zscl's reference captions",
                                       setting="ref_captions")}
 
