@@ -100,9 +100,11 @@ def bench(method_name: str, backbone: str | None, batch_size: int | None, device
     for flag, value, low in (("--batch-size", batch_size, 1), ("--steps", steps, 1), ("--warmup", warmup, 0)):
         if value is not None and value < low:
             raise CilbenchError(f"{flag} must be at least {low}, not {value}")
+    from cilbench.methods import load_method
     from cilbench.methods.base import METHODS
 
-    meta = METHODS.metadata(method_name) if method_name in METHODS else {}
+    load_method(method_name)  # a lazily registered method carries its metadata once imported
+    meta = METHODS.metadata(method_name)
     cpu_shapes = {"vit": CPU_BACKBONE, "clip": "clip-tiny", "cnn": "resnet-tiny"}
     name = backbone or (None if device.type == "cuda" else cpu_shapes[meta.get("backbone_family", "vit")])
     # the run's own construction: config, backbone choice and checks, transform preset (a random backbone here)

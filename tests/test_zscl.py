@@ -286,7 +286,7 @@ def test_zscl_without_its_reference_store_is_one_line(cli, tmp_path):
     r = cli("run", "zscl", "--dataset", "synthetic-mtil", "--quick", "--set", "ref_images=imagenet", "--out",
             tmp_path, "--device", "cpu")
     line = cli_error(r)
-    assert "zscl's reference images" in line and "--set ref_images=imagenet" in line
+    assert "zscl's reference images" in line and "'imagenet'" in line and "--set ref_images=NAME" in line
 
 
 def test_zscl_quick_run_through_the_cli(cli, tmp_path):
