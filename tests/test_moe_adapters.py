@@ -217,3 +217,19 @@ def test_paper_tables_show_every_method_row_of_ours_beside_the_paper(cli, tmp_pa
         mine = [line.split(",") for line in lines if line.startswith(f"{label} [quick],")]
         assert len(mine) == blocks.get(label, 3), f"{label}: {len(mine)} quick rows"  # Transfer, Average, Last
         assert all(cells[-1] != "-" and cells[2] != "-" for cells in mine), mine
+
+
+def test_all_zero_router_start_gives_equal_gates_and_the_plain_clip():
+    """At the start every router is zero: without noise the k chosen gates are 1/k each, and every expert outputs
+    zero (up projection zero), so the adapted CLIP scores exactly as the original."""
+    m = _method(noise="off")
+    m.eval()
+    images = torch.randn(3, 3, 32, 32)
+    classes = torch.tensor(m.scenario.tasks[0].classes)
+    with torch.no_grad():
+        adapted = m._scores(images, classes, 0)
+        gates = m.blocks[0].last_gates
+        plain = m._scores(images, classes, None)
+    assert torch.equal((gates > 0).sum(1), torch.full((3,), m.cfg.top_k))
+    assert torch.allclose(gates[gates > 0], torch.full_like(gates[gates > 0], 1 / m.cfg.top_k))
+    torch.testing.assert_close(adapted, plain, atol=1e-5, rtol=0)
