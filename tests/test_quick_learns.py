@@ -68,8 +68,10 @@ def _task_classes(record: dict) -> list[list[int]]:
 
 def _loss_ratio(name: str, record: dict) -> float:
     """Mean final loss of the trained tasks over the loss an untrained model starts from."""
-    if name == "cicae":  # sum of K margin-cosine CEs + lambda1 * KL: its own first epoch is the reference
-        curves = [t["phases"]["train"]["epochs"]["ce"] for t in record["log"] if "train" in t["phases"]]
+    own_reference = {"cicae": "ce", "podnet": "nca"}  # margin losses: their own first epoch is the reference
+    if name in own_reference:  # CICAE: K margin-cosine CEs + lambda1 * KL; PODNet: NCA with a margin over all seen
+        curves = [t["phases"]["train"]["epochs"][own_reference[name]] for t in record["log"]
+                  if "train" in t["phases"]]
         return float(np.mean([c[-1] for c in curves]) / np.mean([c[0] for c in curves]))
     tasks = record["timings"]["tasks"]
     classes = _task_classes(record)
