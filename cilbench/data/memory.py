@@ -165,6 +165,12 @@ class ExemplarMemory(nn.Module):
             raise ValueError(f"memory row {int(rows.max())} is outside the store ({len(train_data.images)} rows)")
         return type(train_data)(train_data.images, rows, self.labels.numpy().astype(np.int64))
 
+    def joined_with(self, train_data: TaskData) -> TaskData:
+        """Replay: ``train_data`` followed by the memory's rows of its store (``train_data`` itself while empty)."""
+        if len(self) == 0:
+            return train_data
+        return type(train_data).concat([train_data, self.as_task_data(train_data)])
+
     # ---- writing ----
     def reduce(self, per_class: int) -> None:
         """Cut every class to its first ``per_class`` exemplars (herding order is priority)."""

@@ -178,9 +178,7 @@ class DER(Method):
 
     # ---- training ----
     def train_data(self, task, ctx):
-        if len(self.memory) == 0:
-            return ctx.train
-        return type(ctx.train).concat([ctx.train, self.memory.as_task_data(ctx.train)])
+        return self.memory.joined_with(ctx.train)
 
     def param_groups(self, task):
         params = list(self.extractors[-1].parameters()) + list(self.fc.parameters())

@@ -434,9 +434,7 @@ class DNE(Method):
 
     # ---- training ----
     def train_data(self, task, ctx):
-        if len(self.memory) == 0:
-            return ctx.train
-        return type(ctx.train).concat([ctx.train, self.memory.as_task_data(ctx.train)])
+        return self.memory.joined_with(ctx.train)
 
     def param_groups(self, task):
         return [dict(params=[p for p in self.parameters() if p.requires_grad])]

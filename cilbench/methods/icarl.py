@@ -80,9 +80,7 @@ class ICaRL(Method):
         self._old = ctx.old
 
     def train_data(self, task, ctx):
-        if len(self.memory) == 0:
-            return ctx.train
-        return type(ctx.train).concat([ctx.train, self.memory.as_task_data(ctx.train)])
+        return self.memory.joined_with(ctx.train)
 
     def param_groups(self, task):
         return [dict(params=list(self.backbone.parameters()) + list(self.head.parameters()))]

@@ -248,9 +248,7 @@ class PODNet(Method):
 
     # ---- training ----
     def train_data(self, task, ctx):
-        if len(self.memory) == 0:
-            return ctx.train
-        return type(ctx.train).concat([ctx.train, self.memory.as_task_data(ctx.train)])
+        return self.memory.joined_with(ctx.train)
 
     def param_groups(self, task):
         head = [self.head.scale, *(self.head.proxies if task.index == 0 else [self.head.proxies[-1]])]
