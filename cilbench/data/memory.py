@@ -61,15 +61,19 @@ def _normalise(features: torch.Tensor) -> torch.Tensor:
 
 
 def herding_pycil(features: torch.Tensor, m: int) -> torch.Tensor:
-    """Indices of ``min(m, n)`` rows of ``features`` [n, d] in PyCIL's herding order (picked rows leave the pool)."""
+    """Indices of ``min(m, n)`` rows of ``features`` [n, d] in PyCIL's herding order (picked rows leave the pool):
+    step k picks ``argmin_x |mu - (S + x) / k|^2`` (S: the sum of the rows picked so far), computed as
+    ``argmin |x|^2 - 2 x.(k mu - S)`` (the same order: the dropped terms do not depend on x), one matrix-vector
+    product per step instead of an [n, d] temporary."""
     x = _normalise(features)
     n = x.shape[0]
     mu = x.mean(0)
+    sq = (x * x).sum(1)
     available = torch.ones(n, dtype=torch.bool)
     picked_sum = torch.zeros_like(mu)
     order: list[int] = []
     for k in range(1, min(m, n) + 1):
-        dist = ((mu - (x + picked_sum) / k) ** 2).sum(1)
+        dist = sq - 2 * (x @ (k * mu - picked_sum))
         dist[~available] = float("inf")
         i = int(torch.argmin(dist))
         order.append(i)

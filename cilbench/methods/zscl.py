@@ -51,7 +51,7 @@ Methods (§3.5):
   images across datasets, drawn from the first ``candidates`` (30000) training images of each dataset in store
   order. Task 1 keeps its first ``memory_size`` candidates, no herding; after task t (t >= 2) every older dataset's
   set is cut to its first K // t and the new one is chosen by herding (picks leave the pool; the rule of
-  ``memory.herding_pycil``, computed vectorised here) on normalised image features of the just-trained model, test
+  ``memory.herding_pycil``) on normalised image features of the just-trained model, test
   transform. The official code gives the new set K - K // t, which overfills the memory from t = 3 (§3.5: looks
   like a bug); ``memory_rule="fixed"`` (default) follows the fixed budget (K // t for every dataset),
   ``"official"`` the code. Which produced the published numbers is UNVERIFIED (the committed icarl.sh is a debug
@@ -86,6 +86,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cilbench.data.memory import herding_pycil
 from cilbench.errors import CilbenchError
 from cilbench.methods.base import register_method
 from cilbench.methods.clip_base import CLIP_TRAIN_QUICK, ZSCL_MTIL_LR, CLIPConfig, CLIPMethod
@@ -196,27 +197,6 @@ def memory_quotas(memory_size: int, t: int, rule: str) -> tuple[int, int]:
         return 0, memory_size
     old = memory_size // t
     return old, old if rule == "fixed" else memory_size - old
-
-
-def herding(features: torch.Tensor, m: int) -> torch.Tensor:
-    """Indices of ``min(m, n)`` rows in herding order: step k picks ``argmin_x |mu - (S + x) / k|`` among rows not
-    picked yet (mu: mean of the normalised features, S: sum of those picked), ZSCL's ``constructExampleSet`` and
-    ``memory.herding_pycil``; computed as ``argmin |x|^2 - 2 x.(k mu - S)`` in float64 on the features' device."""
-    x = features.detach().double()
-    x = x / (x.norm(dim=1, keepdim=True) + 1e-8)
-    n = x.shape[0]
-    mu, sq = x.mean(0), (x * x).sum(1)
-    picked_sum = torch.zeros_like(mu)
-    taken = torch.zeros(n, dtype=torch.bool, device=x.device)
-    order = []
-    for k in range(1, min(m, n) + 1):
-        score = sq - 2 * (x @ (k * mu - picked_sum))
-        score[taken] = float("inf")
-        i = int(torch.argmin(score))
-        order.append(i)
-        taken[i] = True
-        picked_sum += x[i]
-    return torch.tensor(order, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -517,7 +497,7 @@ class ICaRLCLIP(ContinualCLIP):
             picked = torch.arange(min(new, len(candidates)))
         else:
             feats, _ = ctx.features(self.backbone, data=candidates)  # the just-trained model, test transform
-            picked = herding(feats, new)
+            picked = herding_pycil(feats, new)
         rows = self.exemplars.cpu()
         kept = [rows[rows[:, 0] == t][:old] for t in rows[:, 0].unique().tolist()]
         fresh = torch.stack([torch.full((len(picked),), task.index, dtype=torch.long),
