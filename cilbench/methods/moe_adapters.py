@@ -53,7 +53,6 @@ the paper gives no recipe). With ``ddas=false`` on MTIL the main score is the or
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -169,13 +168,7 @@ class MoEAdapters(CLIPMethod):
             gen = ctx.rng("experts")
             for block in self.blocks:
                 for expert in block.experts:
-                    bound = 1 / math.sqrt(expert.down.in_features)  # kaiming_uniform(a=sqrt 5) of nn.Linear
-                    with torch.no_grad():
-                        w = torch.empty(expert.down.weight.shape).uniform_(-bound, bound, generator=gen)
-                        expert.down.weight.copy_(w)
-                        expert.down.bias.zero_()
-                        expert.up.weight.zero_()
-                        expert.up.bias.zero_()
+                    expert.reset_parameters(gen)
         for b, block in enumerate(self.blocks):
             for e, expert in enumerate(block.experts):
                 expert.requires_grad_(not bool(self.frozen[b, e]))

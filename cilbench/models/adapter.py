@@ -38,7 +38,17 @@ class Adapter(nn.Module):
         self.scale, self.dropout = scale, dropout
         self.down = nn.Linear(dim, bottleneck)
         self.up = nn.Linear(bottleneck, dim)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Down kaiming-uniform (a = sqrt 5), down bias, up weight and up bias zero: the adapter outputs 0. With a
+        (CPU) ``generator`` the down weight is drawn from it on the CPU, so a seed gives the same start anywhere."""
+        if generator is None:
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        else:
+            w = torch.empty(self.down.weight.shape, dtype=self.down.weight.dtype)
+            self.down.weight.copy_(nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator))
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
