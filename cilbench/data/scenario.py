@@ -229,16 +229,15 @@ def build_scenario(dataset: str, scenario: str | None = None, seed: int = 1993, 
     if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
         raise CilbenchError(f"--shots must be a whole number of images per class, at least 1, not {shots!r}")
     spec = get_spec(dataset)
+    scenario = (scenario or "").removesuffix(f"-{shots}shot") if shots else scenario
     if isinstance(spec, SequenceSpec):
         if scenario and not scenario.startswith("order-"):
             raise CilbenchError(f"{dataset} is a dataset sequence: use --order I|II, not --scenario {scenario}")
-        scenario = (scenario or "").removesuffix(f"-{shots}shot") if shots else scenario
         out = sequence_scenario(dataset, mtil_order or (scenario or "").removeprefix("order-") or None, seed)
     else:
         if mtil_order:
             raise CilbenchError(f"--order {mtil_order} is for dataset sequences (mtil); {dataset} is "
                                 f"class-incremental: use --scenario B<base>Inc<step>")
-        scenario = (scenario or "").removesuffix(f"-{shots}shot") if shots else scenario
         out = cil_scenario(dataset, scenario or spec.default_scenario, seed, order_name)
     own = getattr(spec, "shots", None)
     out.shots = shots if shots is not None else own

@@ -132,6 +132,16 @@ class RunTaskContext:
         return {"task": self.task.index, **self.logged, "phases": self.phases}
 
 
+def content_sha256(manifest: dict[str, Any], splits: list[str] | None = None) -> str:
+    """A store's content hash over what decides the numbers: source, split recipe, class names, image size and the
+    checksum of every file of ``splits`` (all by default). Preparing the same data again keeps it."""
+    content = dict(source=manifest.get("source") or {}, split_recipe=manifest.get("split_recipe"),
+                   class_names=manifest.get("class_names"), image_size=manifest.get("image_size"),
+                   files={split: {kind: f.get("sha256") for kind, f in meta["files"].items()}
+                          for split, meta in manifest["splits"].items() if splits is None or split in splits})
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
 class ScenarioData:
     """Train and test ``TaskData`` of every task, read from the prepared stores."""
 
@@ -183,17 +193,12 @@ class ScenarioData:
         for name, store in self.stores.items():
             m = store.manifest
             source = m.get("source") or {}
-            content = dict(source=source, split_recipe=m.get("split_recipe"), class_names=m.get("class_names"),
-                           image_size=m.get("image_size"),
-                           files={split: {kind: f.get("sha256") for kind, f in meta["files"].items()}
-                                  for split, meta in m["splits"].items()})
             out[name] = {"source": source.get("kind"), "repo": source.get("repo"), "path": source.get("path"),
                          "revision": source.get("revision"), "resolved_revision": source.get("resolved_revision"),
                          "split_recipe": m.get("split_recipe"), "counts": {k: v.get("count")
                                                                            for k, v in m["splits"].items()},
                          "manifest_sha256": self.manifest_sha256[name],
-                         "content_sha256": hashlib.sha256(json.dumps(content, sort_keys=True, default=str)
-                                                          .encode()).hexdigest()}
+                         "content_sha256": content_sha256(m)}
         return out
 
     def class_names(self, task: Task) -> tuple[str, ...]:
@@ -239,13 +244,10 @@ class ReferenceData:
                     rows = _cap_per_class(rows, split.labels, QUICK_TRAIN_PER_CLASS, seed)
                 self.items[name] = TaskData(split.images, rows, np.asarray(split.labels, dtype=np.int64)[rows])
                 m = store.manifest
-                content = dict(source=m.get("source"), split=ref.split, files={k: f.get("sha256") for k, f in
-                                                                               m["splits"][ref.split]["files"].items()})
                 self.identity[f"reference:{name}"] = {
                     "store": ref.store, "split": ref.split, "count": int(len(rows)),
                     "source": (m.get("source") or {}).get("kind"), "path": (m.get("source") or {}).get("path"),
-                    "content_sha256": hashlib.sha256(json.dumps(content, sort_keys=True, default=str)
-                                                     .encode()).hexdigest()}
+                    "content_sha256": content_sha256(m, [ref.split])}
             elif ref.captions:
                 from cilbench.data.captions import read_captions
 
