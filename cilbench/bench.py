@@ -20,6 +20,7 @@ import torch
 
 from cilbench.data.augment import PRESETS
 from cilbench.data.scenario import Task, build_scenario
+from cilbench.engine.evaluator import count_flops
 from cilbench.engine.trainer import autocast, build_optimizer, train_step
 from cilbench.errors import CilbenchError
 from cilbench.methods.contract import Batch
@@ -65,15 +66,6 @@ def matmul_peak_tflops(device: torch.device) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def _flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
 def _time(step, warmup: int, steps: int, device: torch.device, update) -> tuple[float, float]:
     """Seconds per call of ``step`` after ``warmup`` untimed calls, and its FLOPs (one more, counted) call."""
     for _ in range(warmup):
@@ -85,7 +77,7 @@ def _time(step, warmup: int, steps: int, device: torch.device, update) -> tuple[
         step()
         update(1, 0.0)
     _sync(device)
-    return (time.perf_counter() - t0) / steps, _flops(step)
+    return (time.perf_counter() - t0) / steps, count_flops(step)
 
 
 def _peak_mb(device: torch.device) -> float:

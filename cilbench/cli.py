@@ -439,6 +439,8 @@ def run(
     tag: str = typer.Option("", "--tag", help="Extra label in the record's file name."),
     shots: Optional[int] = typer.Option(None, "--shots", help="Few-shot: train on N images per class, drawn once "
                                         "per seed (mtil-fewshot: 5); the scenario is named ...-Nshot."),
+    joint: bool = typer.Option(False, "--joint", help="The method's joint upper bound: its own recipe on one task "
+                               "holding every class; the scenario is named ...-joint."),
     plugin: list[Path] = _plugin_option(),
 ) -> None:
     """Run one method on one benchmark and write a run record.
@@ -452,7 +454,7 @@ def run(
     _user_catalog(cache_dir)
     opts = RunOptions(method=method, dataset=dataset, scenario=scenario, order=order, class_order=class_order,
                       seed=seed, backbone=backbone, weights=weights, sets=parse_sets(set_), out=out, device=device,
-                      resume=resume, quick=quick, cache_dir=cache_dir, tag=tag, shots=shots)
+                      resume=resume, quick=quick, cache_dir=cache_dir, tag=tag, shots=shots, joint=joint)
     runner = Runner(opts, console=console)
     label = " " + escape(f"[{runner.config_label()}]") if runner.config_label() else ""
     console.print(f"[bold]{method}[/]{label} on {dataset} {runner.scenario.name} ({len(runner.scenario.tasks)} "

@@ -40,6 +40,7 @@ class RunOptions:
     cache_dir: Path | None = None
     tag: str = ""
     shots: int | None = None  # few-shot: training images per class, drawn once (None: the dataset's own)
+    joint: bool = False  # the method's own recipe on one task holding every class (its joint upper bound)
 
 
 @dataclass
@@ -85,7 +86,7 @@ class RunPlan:
         from cilbench.data.scenario import build_scenario, check_seed
         from cilbench.identity import config_key, overrides
         from cilbench.methods import load_method
-        from cilbench.methods.base import METHODS, resolve_config
+        from cilbench.methods.base import METHODS, default_backbone, resolve_config
         from cilbench.models.backbones import BACKBONES
 
         from cilbench.data.user_catalog import use_cache
@@ -99,7 +100,7 @@ class RunPlan:
         method_cls = load_method(opts.method)
         meta = METHODS.metadata(opts.method)
         cfg, sources = resolve_config(method_cls, opts.dataset, opts.quick, opts.sets)
-        backbone = opts.backbone or meta.get("backbone", "vit-b16-in21k")
+        backbone = opts.backbone or default_backbone(method_cls, opts.dataset)
         spec = BACKBONES.get(backbone)
         if meta.get("backbone_family") and spec.family != meta["backbone_family"]:
             raise CilbenchError(f"{opts.method} needs a {meta['backbone_family']} backbone, not {backbone}")
@@ -107,8 +108,14 @@ class RunPlan:
             backbone, spec = spec.tiny, BACKBONES.get(spec.tiny)
         weights_sha256 = _weights_sha256(opts, spec) if hash_weights else None
         scenario = build_scenario(opts.dataset, opts.scenario, opts.seed, opts.class_order, opts.order, opts.shots)
-        if method_cls.merges_tasks:
-            scenario = _merge_tasks(scenario)
+        if opts.joint:
+            if method_cls.merges_tasks:
+                raise CilbenchError(f"{opts.method} already trains on every class at once; drop --joint")
+            if scenario.kind == "mtil":
+                raise CilbenchError("--joint merges the tasks of a class-incremental scenario; the MTIL sequence "
+                                    "scores each dataset apart (MoE-Adapters' upper bounds: --set independent=true)")
+        if method_cls.merges_tasks or opts.joint:
+            scenario = _merge_tasks(scenario, suffix="-joint" if opts.joint else "")
         if scenario.kind == "mtil" and not method_cls.zero_shot:
             raise CilbenchError(f"{opts.method} cannot score datasets it has not trained on, which the MTIL matrix "
                                 f"needs for Transfer; run a CLIP method on {opts.dataset}")
@@ -138,11 +145,13 @@ def _weights_sha256(opts: RunOptions, spec) -> str | None:
     return sha256_file(path)
 
 
-def _merge_tasks(scenario):
-    """The joint upper bound: one task with every class of the scenario."""
+def _merge_tasks(scenario, suffix: str = ""):
+    """The joint upper bound: one task with every class of the scenario. ``--joint`` runs are named
+    ``<scenario>-joint`` (``B50Inc10-joint``) so they never group with the method's incremental runs; the ``joint``
+    method keeps the scenario's own name (it has no incremental runs)."""
     from cilbench.data.scenario import Task
 
     tasks = scenario.tasks
     merged = Task(0, "all classes", tasks[0].dataset, tuple(c for t in tasks for c in t.classes),
                   tuple(c for t in tasks for c in t.source_labels), tuple(n for t in tasks for n in t.class_names))
-    return dataclasses.replace(scenario, tasks=[merged], name=scenario.name)
+    return dataclasses.replace(scenario, tasks=[merged], name=scenario.name + suffix)

@@ -16,6 +16,9 @@ A suite names the paper table it rebuilds and lays it out in the paper's order::
       - {label: CICAE, method: cicae, sets: {lambda1: 25}, datasets: [imagenet-a]}
 
 ``datasets`` limits a row's runs to some columns, ``sweep: false`` shows a method's runs without making them.
+``joint: true`` runs the row's method as its joint upper bound (``cilbench run --joint``: its own recipe on one task
+holding every class). ``joint_row: LABEL`` names the row whose last accuracy the metric ``D`` is measured from (the
+DNE paper's D = joint LA - LA, each row against the joint of its own backbone family).
 ``cilbench sweep NAME`` runs every (row with a method) x column x seed whose record is missing, one after another
 (the local executor), and ``cilbench table --benchmark NAME`` lays the table out with the paper's numbers.
 """
@@ -33,7 +36,7 @@ from rich.markup import escape
 from cilbench.errors import CilbenchError
 
 SUITE_KEYS = {"title", "paper", "table", "backbone", "seeds", "metrics", "columns", "rows", "notes", "blocks"}
-ROW_KEYS = {"label", "method", "sets", "datasets", "sweep", "backbone"}
+ROW_KEYS = {"label", "method", "sets", "datasets", "sweep", "backbone", "joint", "joint_row"}
 COLUMN_KEYS = {"dataset", "scenario", "label", "metrics", "order", "key", "class_order"}
 BLOCK_KEYS = {"label", "metric", "rows"}
 
@@ -69,6 +72,8 @@ class SuiteRow:
     datasets: tuple[str, ...] | None = None
     sweep: bool = True
     backbone: str | None = None
+    joint: bool = False  # run the method as its joint upper bound (one task with every class)
+    joint_row: str | None = None  # the row D is measured from (D = its A_last - this row's)
 
 
 @dataclass
@@ -200,9 +205,18 @@ def parse_suite(doc: Any, path: Path) -> Suite:
             raise CilbenchError(f"{w}: sweep must be true or false")
         if row.get("backbone") is not None and not isinstance(row["backbone"], str):
             raise CilbenchError(f"{w}: backbone must be a backbone name (a string)")
+        if not isinstance(row.get("joint", False), bool):
+            raise CilbenchError(f"{w}: joint must be true or false")
+        if row.get("joint") and not method:
+            raise CilbenchError(f"{w}: joint: true needs a method to run jointly")
+        if row.get("joint_row") is not None and not isinstance(row["joint_row"], str):
+            raise CilbenchError(f"{w}: joint_row must be a row label (a string)")
         rows.append(SuiteRow(label, method, {str(k): v for k, v in sets.items()},
                              tuple(datasets) if datasets is not None else None, row.get("sweep", True),
-                             row.get("backbone")))
+                             row.get("backbone"), bool(row.get("joint", False)), row.get("joint_row")))
+    for i, row in enumerate(rows):
+        if row.joint_row is not None and row.joint_row not in labels:
+            raise CilbenchError(f"{where}: rows[{i}]: joint_row {row.joint_row!r} is not among the suite's rows")
     blocks = []
     for i, block in enumerate(doc.get("blocks") or []):
         w = f"{where}: blocks[{i}]"
@@ -241,7 +255,7 @@ def run_options(suite: Suite, row: SuiteRow, col: SuiteColumn, seed: int, out: P
                       order=col.order if mtil else None, class_order=col.class_order, seed=seed,
                       backbone=row.backbone or suite.backbone,
                       sets={k: _set_text(v) for k, v in row.sets.items()}, out=out, device=device, quick=quick,
-                      cache_dir=cache_dir)
+                      cache_dir=cache_dir, joint=row.joint)
 
 
 @dataclass
@@ -270,6 +284,7 @@ def sweep(suite: Suite, out: Path, quick: bool = False, device: str = "auto", ca
     for i, (row, col, seed) in enumerate(plan, 1):
         opts = run_options(suite, row, col, seed, out, quick, device, cache_dir)
         label = " " + escape(f"[{_sets_label(row.sets)}]") if row.sets else ""
+        label += " (joint)" if row.joint else ""
         where = f"[{i}/{len(plan)}] {row.method}{label} on {col.dataset} {col.scenario} seed {seed}"
         try:
             runner = Runner(opts, restart_hint="run the sweep again with --restart")

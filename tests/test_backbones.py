@@ -15,7 +15,7 @@ ALL = BACKBONES.names()
 # their declared feature size, and a resnet18 forward runs at 32 px (any size works after global pooling)
 _FORWARD_AT = {"resnet18": 32}
 _EXPECTED_DIM = {"vit-b16-in21k": 768, "vit-b16-in1k": 768, "clip-vit-b16": 512, "resnet18-cifar": 512,
-                 "resnet18": 512, "vit-scratch-cifar": 384, "vit-tiny": 48, "vit-mini": 192, "clip-tiny": 32,
+                 "resnet18": 512, "vit-scratch-cifar": 384, "vit-scratch-224": 384, "vit-tiny": 48, "vit-mini": 192, "clip-tiny": 32,
                  "resnet-tiny": 64}
 
 

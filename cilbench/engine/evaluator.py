@@ -96,6 +96,42 @@ def _predict(method, images: torch.Tensor, classes: torch.Tensor, device: torch.
     return preds
 
 
+def count_flops(fn) -> float:
+    """Floating-point operations of one call of ``fn`` as torch's flop counter counts them (2 per multiply-add of
+    matmuls, convolutions and attention; element-wise work such as norms and softmax is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+@torch.no_grad()
+def inference_cost(method, scenario, test: list[TaskData], transform: ImageTransform,
+                   device: torch.device) -> dict:
+    """What one forward of the final model costs per image: the FLOPs of ``method.logits`` on one test image (the
+    first of the last task, test transform, float32, batch 1) over the candidate classes of the last row (every
+    seen class; in MTIL the last dataset's), and the model's parameter count (trainable or not, the frozen
+    backbone included). The DNE paper's F column; the score views of a method (oracle, single experts) are extra
+    and not counted. ``flops_per_image`` is None when the counter cannot run the method (the error is kept)."""
+    method.eval()
+    last = len(scenario.tasks) - 1
+    classes = scenario.seen_classes(last) if scenario.kind == "cil" else scenario.tasks[last].classes
+    out = {"params": int(sum(p.numel() for p in method.parameters())), "flops_per_image": None,
+           "counted": "torch.utils.flop_counter, method.logits, one test image, float32"}
+    raw = next(iter(BatchStream(test[last], 1, device, prefetch=0)), None)
+    if raw is None:
+        out["error"] = "no test image"
+        return out
+    image = transform(raw.images, train=False)
+    try:
+        out["flops_per_image"] = count_flops(lambda: method.logits(image, torch.tensor(classes, device=device)))
+    except Exception as err:  # noqa: BLE001 - a cost the counter cannot take never costs the run its record
+        out["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    return out
+
+
 @torch.no_grad()
 def extract_features(encode, data: TaskData, transform: ImageTransform, device: torch.device, batch_size: int,
                      train_transform: bool = False, low_precision: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

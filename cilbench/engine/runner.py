@@ -33,7 +33,7 @@ from cilbench.data.augment import PRESETS
 from cilbench.data.scenario import Scenario, Task
 from cilbench.data.store import sha256_file
 from cilbench.engine.checkpoint import Checkpoint
-from cilbench.engine.evaluator import evaluate_row, extract_features
+from cilbench.engine.evaluator import evaluate_row, extract_features, inference_cost
 from cilbench.engine.loader import TaskData
 from cilbench.engine.trainer import main_phase, run_phase
 from cilbench.errors import CilbenchError
@@ -421,7 +421,8 @@ class Runner:
             if os.environ.get("CILBENCH_TEST_INTERRUPT_AFTER_TASK") == str(t):  # test hook: Ctrl-C mid-run
                 raise KeyboardInterrupt
         counts = [len(d) for d in data.test]
-        record = self._record(log, matrix, counts, timings, started, wall, data, views)
+        cost = inference_cost(method, scenario, data.test, transform, device)
+        record = self._record(log, matrix, counts, timings, started, wall, data, views, cost)
         atomic_write_json(self.record_path, record)
         self.checkpoint.remove()
         return record, self.record_path
@@ -454,7 +455,7 @@ class Runner:
             self.console.print(f"[bold]{task.name}[/]: mean over datasets {np.mean(acc):.2f}, "
                                f"on {task.name} {row.accuracy[task.index]:.2f}")
 
-    def _record(self, log, matrix, counts, timings, started, wall, data, views) -> dict[str, Any]:
+    def _record(self, log, matrix, counts, timings, started, wall, data, views, cost) -> dict[str, Any]:
         opts, scenario = self.opts, self.scenario
         summary = metrics.summary(self.kind, matrix, counts if self.kind == "cil" else None)
         view_records = {name: {"accuracy_matrix": m,
@@ -494,7 +495,8 @@ class Runner:
             "config_sources": self.config_sources,
             "run": {"device": opts.device, "cache_dir": str(self.cache), "weights": opts.weights,
                     "weights_sha256": self.weights_sha256, "image_sizes": sorted(data.image_sizes),
-                    "merged_tasks": self.method_cls.merges_tasks, "tag": opts.tag,
+                    "merged_tasks": self.method_cls.merges_tasks or opts.joint, "joint": opts.joint,
+                    "tag": opts.tag,
                     "shots": scenario.shots},
             "data": self.data_identity,
             "accuracy_matrix": matrix,
@@ -502,6 +504,7 @@ class Runner:
             "accuracy_per_task": per_task,
             "metrics": summary,
             "views": view_records,
+            "cost": cost,
             "log": log,
             "timings": {"tasks": timings, "total_s": round(time.perf_counter() - wall, 3)},
             "device": device,

@@ -224,11 +224,14 @@ class _Aux:
 
 def main_phase(method, task, data: Any, aux: dict[str, Any] | None = None) -> Phase:
     """The main phase of a task, from the method's hooks: its data, parameter groups, step, epochs (``first_epochs``
-    on the first task), weight decay (``first_weight_decay`` on the first task), aux streams, ``after_step`` and
-    frozen modules."""
+    on the first task), weight decay (``first_weight_decay`` on the first task), lr milestones (a method config's
+    ``first_lr_milestones`` on the first task, where it has one: DER), aux streams, ``after_step`` and frozen
+    modules."""
+    first_milestones = getattr(method.cfg, "first_lr_milestones", None)
+    milestones = tuple(first_milestones) if task.index == 0 and first_milestones is not None else None
     return Phase("train", method.training_step, method.param_groups(task), data=data, epochs=method.epochs_for(task),
                  iterations=method.cfg.iterations, weight_decay=weight_decay_for(method.cfg, task), aux=aux or {},
-                 after_step=method.after_step, frozen=tuple(method.frozen_modules()))
+                 after_step=method.after_step, frozen=tuple(method.frozen_modules()), lr_milestones=milestones)
 
 
 def run_phase(method: torch.nn.Module, phase: Phase, cfg: TrainConfig, task, train_data: TaskData,

@@ -93,6 +93,9 @@ class AdapterConfig(TrainConfig):
 class Method(nn.Module):
     Config: ClassVar[type] = TrainConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # the backbone of a dataset whose protocol names another than the method's registered one (the DNE paper's
+    # from-scratch baselines: ResNet18 / a 224-px ViT on ImageNet100); ``--backbone`` still wins
+    dataset_backbones: ClassVar[dict[str, str]] = {}
     quick: ClassVar[dict[str, Any]] = {}
     unused_settings: ClassVar[tuple[str, ...]] = ()  # TrainConfig fields this method never reads
     merges_tasks: ClassVar[bool] = False  # train on all classes as one task (the joint upper bound)
@@ -238,6 +241,12 @@ def parse_sets(pairs: list[str]) -> dict[str, str]:
             raise CilbenchError(f"--set expects key=value, got {pair!r}")
         out[key.strip()] = value.strip()
     return out
+
+
+def default_backbone(cls: type[Method], dataset: str) -> str:
+    """The backbone a run of ``cls`` on ``dataset`` uses without ``--backbone``: the dataset's own
+    (``dataset_backbones``), else the method's registered one."""
+    return cls.dataset_backbones.get(dataset) or METHODS.metadata(cls.name).get("backbone", "vit-b16-in21k")
 
 
 def resolve_config(cls: type[Method], dataset: str, quick: bool, sets: dict[str, str]) -> tuple[TrainConfig, dict]:

@@ -29,10 +29,10 @@ Left out: the channel-level masks and the sparsity loss used for pruning (the pa
 PyCIL's port and the official ``der_womask`` configs leave them out too), and the official code's 10-epoch warmup.
 
 Defaults. Main phase from PyCIL ``models/der.py`` (``exps/der.json`` only names the scenario, memory 2000 with
-``fixed_memory`` False): SGD momentum 0.9, lr 0.1, batch 128; first task 200 epochs with weight decay 5e-4, later
-tasks 170 epochs with weight decay 2e-4, lr divided by 10 after epochs 80, 120 and 150. PyCIL's first task decays at
-60, 120 and 170 instead; the trainer has one milestone list for every task, so the first task here uses the later
-tasks' (a known difference; the trainer would need a ``first_lr_milestones`` setting). Balanced finetuning from the
+``fixed_memory`` False): SGD momentum 0.9, lr 0.1, batch 128; first task 200 epochs with weight decay 5e-4, lr
+divided by 10 after epochs 60, 120 and 170 (``first_lr_milestones``); later tasks 170 epochs with weight decay 2e-4,
+divided by 10 after epochs 80, 120 and 150. ``cilbench run der --joint`` (the suites' "Joint (ResNet18)") is the
+first task's recipe on every class at once: one ResNet18 and its classifier under cross-entropy. Balanced finetuning from the
 official ``exps/der_womask/cifar100/b0/10steps/configs/1.yaml`` ``decouple``: 30 epochs, lr 0.1 divided by 10 after
 epoch 15, weight decay 5e-4, temperature 5.0, batch 128 (the config's batch size). UNVERIFIED: the finetuning
 optimiser (SGD with the main momentum assumed), the classifier's bias (PyCIL has one, the official config
@@ -126,6 +126,7 @@ class DER(Method):
         first_weight_decay: float | None = 5e-4
         schedule: str = "step"
         lr_milestones: tuple[int, ...] = (80, 120, 150)
+        first_lr_milestones: tuple[int, ...] | None = (60, 120, 170)  # None: lr_milestones on the first task too
         lr_gamma: float = 0.1
         memory_size: int = 2000
         herding_form: str = "pycil"  # pycil | icarl
@@ -144,9 +145,11 @@ class DER(Method):
 
     # smoke profile (no reference): a narrow random ResNet, Adam, the light "quick" crops, few epochs, small memory
     quick = dict(optimizer="adam", lr=1e-3, epochs=6, first_epochs=None, batch_size=32, schedule="constant",
-                 lr_milestones=(), weight_decay=0.0, first_weight_decay=None, transform="quick", memory_size=40,
+                 lr_milestones=(), first_lr_milestones=None, weight_decay=0.0, first_weight_decay=None,
+                 transform="quick", memory_size=40,
                  ft_epochs=15, ft_lr=1e-2, ft_milestones=(), ft_weight_decay=0.0, ft_temperature=1.0)
     unused_settings = ("label_smoothing",)
+    dataset_backbones = {"imagenet100": "resnet18"}  # the standard ResNet18 on ImageNet100 (DNE §4)
 
     def __init__(self, cfg, backbone, scenario):
         super().__init__(cfg, backbone, scenario)

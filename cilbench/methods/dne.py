@@ -381,6 +381,7 @@ class DNE(Method):
                  min_lr=0.0, weight_decay=0.0, transform="quick", memory_size=40, first_heads=2, head_dim=8,
                  depth=2, patch_size=8, drop_path=0.0, ft_epochs=3, ft_lr=1e-3)
     unused_settings = ("label_smoothing",)
+    dataset_backbones = {"imagenet100": "vit-scratch-224"}  # patch 16 at 224 px on ImageNet100 (DNE §4)
 
     def __init__(self, cfg, backbone, scenario):
         super().__init__(cfg, backbone, scenario)

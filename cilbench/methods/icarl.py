@@ -62,6 +62,7 @@ class ICaRL(Method):
     quick = dict(optimizer="adam", lr=1e-3, epochs=8, batch_size=32, schedule="constant", lr_milestones=(),
                  transform="quick", memory_size=40)
     unused_settings = ("label_smoothing", "first_weight_decay")
+    dataset_backbones = {"imagenet100": "resnet18"}  # the standard ResNet18 on ImageNet100 (DNE §4)
 
     def __init__(self, cfg, backbone, scenario):
         super().__init__(cfg, backbone, scenario)

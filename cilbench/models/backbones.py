@@ -247,6 +247,13 @@ def vit_scratch_cifar(spec: BackboneSpec, download: bool, weights: Path | None) 
     return _timm_vit(spec, False, weights, img_size=32, patch_size=4, embed_dim=384, depth=6, num_heads=12)
 
 
+@register_backbone("vit-scratch-224", family="vit", source="vit_base_patch16_224", preset="imagenet-scratch",
+                   tiny="vit-tiny", description="plain ViT for 224 px ImageNet100, from scratch: patch 16, width 384, "
+                   "depth 6, 12 heads (DNE §4: patch 16 on ImageNet100)")
+def vit_scratch_224(spec: BackboneSpec, download: bool, weights: Path | None) -> Backbone:
+    return _timm_vit(spec, False, weights, img_size=224, patch_size=16, embed_dim=384, depth=6, num_heads=12)
+
+
 # ------------------------------------------------------------------------------------------------ tiny / random
 
 @register_backbone("vit-tiny", family="vit", source="vit_base_patch16_224", input_size=32, random=True,

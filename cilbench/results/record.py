@@ -12,6 +12,8 @@ Schema (version 2)::
     accuracy_matrix [T x T] percent (row = after task i, column = task j; null where not evaluated),
     test_counts [T], accuracy_per_task [A_1..A_T], metrics {A_avg, A_last, forgetting} or
     {transfer, average, last, *_per_dataset}, extra {method-specific curves},
+    cost {flops_per_image (one forward of the final model, torch's flop counter; null if it could not count),
+          params} (records before it have none),
     timings {tasks: [{train_s, eval_s, train_images, eval_images, train_images_per_s, eval_images_per_s,
              data_wait_fraction}], total_s},
     device, versions, git, started_at, finished_at
@@ -122,7 +124,7 @@ def record_problem(record: dict[str, Any]) -> str | None:
     for key in ("run_id", "status", "backbone", "profile", "config_key", "finished_at", "class_order_option"):
         if record.get(key) is not None and not isinstance(record[key], str):
             return f"{key!r} is {_what(record[key])}, not a string"
-    for key in ("metrics", "overrides", "run", "config_sources", "views", "method_origin"):
+    for key in ("metrics", "overrides", "run", "config_sources", "views", "method_origin", "cost"):
         if record.get(key) is not None and not isinstance(record[key], dict):
             return f"{key!r} is {_what(record[key])}, not a mapping"
     weights = (record.get("run") or {}).get("weights_sha256")
@@ -133,6 +135,10 @@ def record_problem(record: dict[str, Any]) -> str | None:
             return f"metric {key!r} is {_what(value)}, not a number"
         if key.endswith("_per_dataset") and value is not None and (problem := _numbers(value, f"metrics.{key}")):
             return problem
+    for key in ("flops_per_image", "params"):
+        value = (record.get("cost") or {}).get(key)
+        if value is not None and not _is_number(value):
+            return f"'cost.{key}' is {_what(value)}, not a number"
     matrix = record.get("accuracy_matrix")
     if matrix is not None:
         if not isinstance(matrix, list) or not all(isinstance(row, list) for row in matrix):
@@ -239,6 +245,7 @@ class RunRecord:
     accuracy_per_task: list[float | None] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     views: dict[str, Any] = field(default_factory=dict)
+    cost: dict[str, Any] = field(default_factory=dict)  # {flops_per_image, params}; {} in older records
     finished_at: str = ""
     method_origin: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -268,6 +275,7 @@ class RunRecord:
             test_counts=list(record["test_counts"]) if record.get("test_counts") is not None else None,
             accuracy_per_task=list(record.get("accuracy_per_task") or []),
             metrics=dict(record.get("metrics") or {}), views=dict(record.get("views") or {}),
+            cost=dict(record.get("cost") or {}),
             finished_at=record.get("finished_at") or "", method_origin=dict(record.get("method_origin") or {}),
             raw=record, path=Path(path) if path is not None else None)
 

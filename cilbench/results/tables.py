@@ -40,7 +40,11 @@ RUN_METRICS = {"cil": ("A_avg", "A_last", "forgetting"), "mtil": ("transfer", "a
 HEADLINE_METRICS = {"cil": ("A_avg", "A_last"), "mtil": ("transfer", "average", "last")}
 ALL_METRICS = RUN_METRICS["cil"] + RUN_METRICS["mtil"]
 METRIC_LABELS = {"A_avg": "A_avg", "A_last": "A_last", "forgetting": "Forgetting", "transfer": "Transfer",
-                 "average": "Average", "last": "Last", "accuracy": "Accuracy"}
+                 "average": "Average", "last": "Last", "accuracy": "Accuracy", "flops_g": "GFLOPs",
+                 "params_m": "Params (M)", "D": "D"}
+# what one forward of the final model costs (the record's ``cost``): GFLOPs per image (the DNE paper's F) and
+# millions of parameters
+COST_METRICS = (("flops_g", "flops_per_image", 1e9), ("params_m", "params", 1e6))
 FORMATS = ("rich", "markdown", "csv", "latex")
 EMPTY = "-"  # a cell without runs
 
@@ -68,12 +72,15 @@ def collect(results_dir: str | Path, on_skip: Callable[[Skipped], None] | None =
         for name in ALL_METRICS:
             value = scores.get(name)
             row[name] = float(value) if isinstance(value, (int, float)) else math.nan
+        for name, key, scale in COST_METRICS:
+            value = record.cost.get(key)
+            row[name] = value / scale if isinstance(value, (int, float)) else math.nan
         if record.kind == "mtil":  # per-dataset cells of the paper tables: transfer_aircraft, last_cars, ...
             for name in RUN_METRICS["mtil"]:
                 for task, value in zip(record.short_task_names, scores.get(f"{name}_per_dataset") or []):
                     row[f"{name}_{task}"] = float(value) if isinstance(value, (int, float)) else math.nan
         rows.append(row)
-    columns = [*RUN_KEYS, *ALL_METRICS]
+    columns = [*RUN_KEYS, *ALL_METRICS, *(name for name, _, _ in COST_METRICS)]
     extra = sorted({k for r in rows for k in r} - set(columns))
     return pd.DataFrame(rows, columns=columns + extra)
 
@@ -491,11 +498,7 @@ def suite_table(suite, results_dir: str | Path | None, references: pd.DataFrame 
     as the paper marks it (the ``best`` / ``second`` notes of the store; computed when the table has none), and
     our runs beside them. A row holds exactly the runs the sweep makes for it: its method with its ``sets``, that
     is the runs whose ``config_key`` is ``expected_config_key(method, dataset, quick, sets)``; a row with ``sets``
-    says so in a note."""
-    from cilbench.methods import load_method
-    from cilbench.methods.base import METHODS
-    from cilbench.models.backbones import BACKBONES
-
+    says so in a note. A ``D`` cell is the A_last of the row's ``joint_row`` minus its own, in the same column."""
     have_runs = results_dir is not None and Path(results_dir).is_dir()
     groups = aggregate(collect(results_dir, on_skip) if have_runs else pd.DataFrame())
     index = {tuple(g[k] for k in GROUP_KEYS): g for g in groups.to_dict("records")}
@@ -505,27 +508,30 @@ def suite_table(suite, results_dir: str | Path | None, references: pd.DataFrame 
     marked = refs is not None and refs["notes"].fillna("").str.match(r"^(best|second)\b").any()
     by_label = {r.label: r for r in suite.rows}
     keys, key_notes = _suite_config_keys(suite, profile != "full")
+    table_rows = {r.label: _suite_row(r, suite, profile) for r in suite.rows}
     blocks = suite.blocks or [None]
     tables = []
     for block in blocks:
         specs = [by_label[name] for name in block.rows] if block else suite.rows
-        rows = []
-        for r in specs:
-            backbone = ""
-            if r.method:
-                load_method(r.method)  # registers its metadata (the default backbone)
-                backbone = r.backbone or suite.backbone or METHODS.metadata(r.method).get("backbone", "")
-                if profile != "full" and backbone in BACKBONES:
-                    backbone = BACKBONES.get(backbone).tiny or backbone
-            label = r.label + (f" [{profile}]" if profile != "full" and r.method else "")
-            rows.append(TableRow(r.method or "", backbone, profile, label))
+        rows = [table_rows[r.label] for r in specs]
         cols = []
         for c in suite.columns:
             kind = "mtil" if c.scenario.startswith("order-") else "cil"
             metrics = (block.metric_for(c),) if block else tuple(c.metrics or suite.metrics or HEADLINE_METRICS[kind])
             cols.append(TableColumn(c.dataset, c.scenario, kind, metrics, c.label))
-        cells = [[{m: _suite_cell(index, r, spec, c, sc, m, refs, keys.get((spec.label, sc.dataset)))
-                   for m in c.metrics} for c, sc in zip(cols, suite.columns)] for r, spec in zip(rows, specs)]
+
+        def group(spec, col: TableColumn, suite_col) -> dict | None:
+            row = table_rows[spec.label]
+            ours = col.scenario + ("-joint" if spec.joint else "") + \
+                (f"-{suite_col.class_order}" if suite_col.class_order else "")
+            key = keys.get((spec.label, suite_col.dataset))
+            if not row.method or key is None:
+                return None
+            backbone = _suite_backbone(spec, suite, profile, col.dataset)
+            return index.get((row.method, col.dataset, ours, backbone, row.profile, key))
+
+        cells = [[{m: _suite_cell(group, spec, c, sc, m, refs, by_label) for m in c.metrics}
+                  for c, sc in zip(cols, suite.columns)] for spec in specs]
         if not marked:
             _rank_paper_numbers(cols, cells)
         notes = []
@@ -533,7 +539,7 @@ def suite_table(suite, results_dir: str | Path | None, references: pd.DataFrame 
             how = "as the paper marks them" if marked else "computed: the paper's marks are not in the store"
             notes.append(f"paper numbers: {suite.paper} Table {suite.table} (benchmarks/references/{suite.paper}.csv);"
                          f" bold / underlined: best / second in each column, {how}")
-        notes += key_notes
+        notes += key_notes + _d_notes(suite)
         if suite.notes:
             notes.append(suite.notes)
         if profile != "full":
@@ -575,12 +581,42 @@ def _set_text(value: Any) -> str:
     return str(value)
 
 
-def _suite_cell(index: dict, row: TableRow, spec, col: TableColumn, suite_col, metric: str,
-                refs: pd.DataFrame | None, config_key: str | None = "") -> Cell:
-    ours = col.scenario + (f"-{suite_col.class_order}" if suite_col.class_order else "")
-    group = index.get((row.method, col.dataset, ours, row.backbone, row.profile, config_key)) \
-        if row.method and config_key is not None else None
-    cell = _our_cell(group, metric)
+def _suite_row(r, suite, profile: str) -> TableRow:
+    """The table row of suite row ``r``: its method and the backbone its runs carry (the tiny twin for smoke
+    profiles)."""
+    backbone = _suite_backbone(r, suite, profile, None)
+    label = r.label + (f" [{profile}]" if profile != "full" and r.method else "")
+    return TableRow(r.method or "", backbone, profile, label)
+
+
+def _suite_backbone(r, suite, profile: str, dataset: str | None) -> str:
+    """The backbone the runs of suite row ``r`` carry on ``dataset`` (None: the method's registered one)."""
+    from cilbench.methods import load_method
+    from cilbench.methods.base import METHODS, default_backbone
+    from cilbench.models.backbones import BACKBONES
+
+    if not r.method:
+        return ""
+    cls = load_method(r.method)  # registers its metadata (the default backbone)
+    backbone = r.backbone or suite.backbone or (default_backbone(cls, dataset) if dataset is not None
+                                                 else METHODS.metadata(r.method).get("backbone", ""))
+    if profile != "full" and backbone in BACKBONES:
+        backbone = BACKBONES.get(backbone).tiny or backbone
+    return backbone
+
+
+def _suite_cell(group: Callable, spec, col: TableColumn, suite_col, metric: str, refs: pd.DataFrame | None,
+                by_label: dict) -> Cell:
+    if metric == "D":  # the DNE paper's D: the LA of the row's joint minus the row's LA, same column
+        ours, joint = group(spec, col, suite_col), None
+        if spec.joint_row is not None:
+            joint = group(by_label[spec.joint_row], col, suite_col)
+        cell = Cell()
+        if ours is not None and joint is not None and not (_isnan(ours.get("A_last_mean"))
+                                                           or _isnan(joint.get("A_last_mean"))):
+            cell = Cell(float(joint["A_last_mean"]) - float(ours["A_last_mean"]), None, int(ours["n"]))
+    else:
+        cell = _our_cell(group(spec, col, suite_col), metric)
     if refs is not None and not is_user_dataset(col.dataset):  # a user dataset never shows a paper's number
         hit = refs[(refs["paper_label"] == spec.label) & (refs["dataset"] == col.dataset)
                    & (refs["scenario"] == col.scenario) & (refs["metric"] == metric)]
@@ -589,6 +625,17 @@ def _suite_cell(index: dict, row: TableRow, spec, col: TableColumn, suite_col, m
             note = str(hit["notes"].iloc[0] or "")
             cell.paper_rank = 1 if note.startswith("best") else 2 if note.startswith("second") else None
     return cell
+
+
+def _d_notes(suite) -> list[str]:
+    """Which joint each row's D is measured from (one note per joint row), when the suite shows D."""
+    if "D" not in (suite.metrics or ()) and not any("D" in (c.metrics or ()) for c in suite.columns):
+        return []
+    against: dict[str, list[str]] = {}
+    for r in suite.rows:
+        if r.joint_row is not None and r.joint_row != r.label:
+            against.setdefault(r.joint_row, []).append(r.label)
+    return [f"D = A_last of {joint} - A_last, same column: {', '.join(labels)}" for joint, labels in against.items()]
 
 
 def _rank_paper_numbers(cols: list[TableColumn], cells: list[list[dict[str, Cell]]]) -> None:
