@@ -74,6 +74,7 @@ def test_every_method_runs_quick_and_resumes_with_identical_numbers(name, tmp_pa
     sets = _small_sets(name)
     full = _run(name, _family_dataset(name), tmp_path / "full", sets, scenario="B0Inc10")
     assert full["status"] == "complete" and len(full["accuracy_matrix"]) == len(full["increments"])
+    assert full["cost"]["flops_per_image"] > 0, full["cost"]  # the counter takes every method's final forward
     if load_method(name).merges_tasks:
         return  # one task: nothing to resume between tasks
     monkeypatch.setenv("CILBENCH_TEST_INTERRUPT_AFTER_TASK", "0")

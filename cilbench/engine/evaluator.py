@@ -125,10 +125,18 @@ def inference_cost(method, scenario, test: list[TaskData], transform: ImageTrans
         out["error"] = "no test image"
         return out
     image = transform(raw.images, train=False)
+    # torch's module tracker (inside the counter) cannot hook a parameter that requires grad under no_grad (DNE
+    # passes its task tokens to modules): the flags are turned off for the count and restored exactly after
+    trainable = [p for p in method.parameters() if p.requires_grad]
     try:
+        for p in trainable:
+            p.requires_grad_(False)
         out["flops_per_image"] = count_flops(lambda: method.logits(image, torch.tensor(classes, device=device)))
     except Exception as err:  # noqa: BLE001 - a cost the counter cannot take never costs the run its record
         out["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     return out
 
 
