@@ -16,11 +16,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from cilbench.data.augment import PRESETS
 from cilbench.data.scenario import Task, build_scenario
 from cilbench.engine.evaluator import count_flops
+from cilbench.engine.loader import TaskData
 from cilbench.engine.trainer import autocast, build_optimizer, train_step
 from cilbench.errors import CilbenchError
 from cilbench.methods.contract import Batch
@@ -66,8 +68,10 @@ def matmul_peak_tflops(device: torch.device) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def _time(step, warmup: int, steps: int, device: torch.device, update) -> tuple[float, float]:
-    """Seconds per call of ``step`` after ``warmup`` untimed calls, and its FLOPs (one more, counted) call."""
+def _time(step, warmup: int, steps: int, device: torch.device, update,
+          inference_of: torch.nn.Module | None = None) -> tuple[float, float]:
+    """Seconds per call of ``step`` after ``warmup`` untimed calls, and its FLOPs (one more, counted) call
+    (``inference_of``: the module an inference step runs, see ``count_flops``)."""
     for _ in range(warmup):
         step()
         update(1, 0.0)
@@ -77,7 +81,7 @@ def _time(step, warmup: int, steps: int, device: torch.device, update) -> tuple[
         step()
         update(1, 0.0)
     _sync(device)
-    return (time.perf_counter() - t0) / steps, count_flops(step)
+    return (time.perf_counter() - t0) / steps, count_flops(step, inference_of)
 
 
 def _peak_mb(device: torch.device) -> float:
@@ -134,6 +138,31 @@ def bench(method_name: str, backbone: str | None, batch_size: int | None, device
     return out
 
 
+class _BenchContext:
+    """The task context of bench's one first task (``methods.contract.TaskContext``): its classes, the random batch
+    as training data; no phases, references or feature passes (bench times the main step and inference only)."""
+
+    def __init__(self, task: Task, train: TaskData, device: torch.device):
+        self.task, self.train, self.device = task, train, device
+        self.seen = self.new = torch.tensor(task.classes, device=device)
+        self.old = torch.zeros(0, dtype=torch.long, device=device)
+
+    def seed(self, purpose: str = "") -> int:
+        return 0
+
+    def rng(self, purpose: str = "", device=None) -> torch.Generator:
+        return torch.Generator(device=device or "cpu").manual_seed(0)
+
+    def log(self, **values: Any) -> None:
+        pass
+
+    def _outside(self, *args, **kwargs):
+        raise CilbenchError("bench times one task's training and inference steps; this method needs a whole run "
+                            "(cilbench run ... --quick)")
+
+    features = fit = reference = _outside
+
+
 def _bench_mode(cls, cfg, backbone_name: str, preset: str, bs: int, device: torch.device, steps: int, warmup: int,
                 mode: str, progress) -> ModeResult:
     torch.manual_seed(0)
@@ -154,6 +183,9 @@ def _bench_mode(cls, cfg, backbone_name: str, preset: str, bs: int, device: torc
     classes = torch.arange(BENCH_CLASSES, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    ctx = _BenchContext(task, TaskData(raw.cpu().numpy(), np.arange(bs), labels.cpu().numpy()), device)
+    method.eval()
+    method.before_fit(task, ctx)  # the state a run's first task trains with (teachers, proxies, class weights)
     groups = method.param_groups(task)
     train_s = train_flops = None
     update = progress(f"bench {mode}", 2 * (steps + warmup)) if progress else (lambda n, v: None)
@@ -174,7 +206,7 @@ def _bench_mode(cls, cfg, backbone_name: str, preset: str, bs: int, device: torc
         with autocast(device):
             method.logits(transform(raw, train=False), classes)
 
-    infer_s, infer_flops = _time(one_infer, warmup, steps, device, update)
+    infer_s, infer_flops = _time(one_infer, warmup, steps, device, update, inference_of=method)
     peak = _peak_mb(device)
     return ModeResult(
         mode=mode,

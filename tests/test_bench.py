@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def test_bench_cicae_times_batched_and_sequential_experts(cli):
     res = cli("bench", "cicae", "--backbone", "vit-tiny", "--steps", "1", "--warmup", "1", "--json")
@@ -32,3 +34,14 @@ def test_bench_a_method_without_training_and_the_table(cli):
 def test_bench_unknown_method_is_one_line(cli):
     res = cli("bench", "cicea")
     assert res.code == 2 and "cicae" in res.err and len(res.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("method, backbone", [("icarl", "resnet-tiny"), ("podnet", "resnet-tiny"),
+                                              ("dne", "vit-tiny")])
+def test_bench_runs_the_first_tasks_before_fit_and_counts_every_forward(cli, method, backbone):
+    """Methods that set their training state in ``before_fit`` (iCaRL's old classes, PODNet's teacher) and DNE's
+    task tokens, which torch's flop counter cannot hook under no_grad unless their flags are off."""
+    res = cli("bench", method, "--backbone", backbone, "--steps", "1", "--warmup", "0", "--json")
+    assert res.code == 0, res.err
+    [mode] = json.loads(res.out)["modes"]
+    assert mode["train_gflop_per_image"] > mode["infer_gflop_per_image"] > 0

@@ -96,14 +96,25 @@ def _predict(method, images: torch.Tensor, classes: torch.Tensor, device: torch.
     return preds
 
 
-def count_flops(fn) -> float:
+def count_flops(fn, inference_of: torch.nn.Module | None = None) -> float:
     """Floating-point operations of one call of ``fn`` as torch's flop counter counts them (2 per multiply-add of
-    matmuls, convolutions and attention; element-wise work such as norms and softmax is not counted)."""
+    matmuls, convolutions and attention; element-wise work such as norms and softmax is not counted).
+
+    ``inference_of``: the module ``fn`` runs without gradients. Torch's module tracker (inside the counter) cannot
+    hook a parameter that requires grad under ``no_grad`` (DNE passes its task tokens to modules), so the module's
+    ``requires_grad`` flags are turned off for the count and restored exactly after."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
+    trainable = [p for p in inference_of.parameters() if p.requires_grad] if inference_of is not None else []
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     return float(counter.get_total_flops())
 
 
@@ -125,18 +136,11 @@ def inference_cost(method, scenario, test: list[TaskData], transform: ImageTrans
         out["error"] = "no test image"
         return out
     image = transform(raw.images, train=False)
-    # torch's module tracker (inside the counter) cannot hook a parameter that requires grad under no_grad (DNE
-    # passes its task tokens to modules): the flags are turned off for the count and restored exactly after
-    trainable = [p for p in method.parameters() if p.requires_grad]
     try:
-        for p in trainable:
-            p.requires_grad_(False)
-        out["flops_per_image"] = count_flops(lambda: method.logits(image, torch.tensor(classes, device=device)))
+        out["flops_per_image"] = count_flops(lambda: method.logits(image, torch.tensor(classes, device=device)),
+                                             inference_of=method)
     except Exception as err:  # noqa: BLE001 - a cost the counter cannot take never costs the run its record
         out["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
     return out
 
 
