@@ -23,6 +23,7 @@ _LAZY = {
     "icarl": "cilbench.methods.icarl:ICaRL",
     "der": "cilbench.methods.der:DER",
     "dne": "cilbench.methods.dne:DNE",
+    "dytox": "cilbench.methods.dytox:DyTox",
     "podnet": "cilbench.methods.podnet:PODNet",
     "moe-adapters": "cilbench.methods.moe_adapters:MoEAdapters",
     "continual-ft": "cilbench.methods.zscl:ContinualFT",
