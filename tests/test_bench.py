@@ -37,7 +37,8 @@ def test_bench_unknown_method_is_one_line(cli):
 
 
 @pytest.mark.parametrize("method, backbone", [("icarl", "resnet-tiny"), ("podnet", "resnet-tiny"),
-                                              ("dne", "vit-tiny"), ("dytox", "vit-tiny")])
+                                              ("dne", "vit-tiny"), ("dytox", "vit-tiny"),
+                                              ("foster", "resnet-tiny")])
 def test_bench_runs_the_first_tasks_before_fit_and_counts_every_forward(cli, method, backbone):
     """Methods that set their training state in ``before_fit`` (iCaRL's old classes, PODNet's teacher) and DNE's
     task tokens, which torch's flop counter cannot hook under no_grad unless their flags are off."""

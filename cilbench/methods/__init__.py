@@ -25,6 +25,7 @@ _LAZY = {
     "dne": "cilbench.methods.dne:DNE",
     "dytox": "cilbench.methods.dytox:DyTox",
     "podnet": "cilbench.methods.podnet:PODNet",
+    "foster": "cilbench.methods.foster:FOSTER",
     "moe-adapters": "cilbench.methods.moe_adapters:MoEAdapters",
     "continual-ft": "cilbench.methods.zscl:ContinualFT",
     "lwf": "cilbench.methods.zscl:LwF",
