@@ -146,3 +146,14 @@ def test_der_first_task_decays_at_its_own_milestones():
     assert main_phase(method, scenario.tasks[0], None).lr_milestones == (60, 120, 170)
     method.before_task(scenario.tasks[1])
     assert main_phase(method, scenario.tasks[1], None).lr_milestones is None  # the config's (80, 120, 150)
+
+
+@pytest.mark.parametrize("method, cifar, imagenet", [
+    ("dne", "dne-cifar", "dne-imagenet"), ("dytox", "dne-cifar", "dne-imagenet"),
+    ("der", "cifar-pycil", "imagenet-pycil"), ("foster", "cifar-pycil", "imagenet-pycil"),
+    ("icarl", "cifar-pycil", "imagenet-pycil"), ("podnet", "cifar-pycil", "imagenet-pycil")])
+def test_each_family_trains_with_its_own_pipeline(method, cifar, imagenet):
+    """DNE / DyTox: timm's RandAugment pipeline; the ResNet baselines: PyCIL's, with its brightness jitter."""
+    assert RunPlan.build(RunOptions(method=method, dataset="cifar100")).transform_preset == cifar
+    assert RunPlan.build(RunOptions(method=method, dataset="imagenet100")).transform_preset == imagenet
+    assert RunPlan.build(RunOptions(method=method, dataset="cifar100", quick=True)).transform_preset == "quick"

@@ -12,6 +12,9 @@ precision) applied with two batched matmuls, each followed by PIL's rounding to 
   to pixels, then a centre fallback); each image is cropped to its box and resized, as ``resized_crop`` does.
 * eval: Resize(R) with ``eval_interpolation`` + CenterCrop(size), R = int(size / eval_crop) (PILOT: 256 for 224,
   CLIP: R = size). When the store already is R x R (256 stores under PILOT) this is an exact crop with no resampling.
+* optional train-only stages after the crop and flip (off unless a preset sets them): timm's RandAugment
+  (``rand_augment``) and torchvision's ColorJitter (``jitter``), per image with draws from the call's generator, in
+  PIL's integer arithmetic (each op equals the PIL op the references ran; see the section above ``PRESETS``).
 
 Presets carry the references' parameters (source of each in its comment); they are plain data, so a new reference
 is a new entry.
@@ -20,6 +23,7 @@ is a new entry.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -66,6 +70,12 @@ class ImageTransform:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     pad: int = 0  # > 0: train with RandomCrop(size, padding=pad) + flip instead of RandomResizedCrop (from scratch)
+    # Opt-in train-only colour / RandAugment stages, applied after the crop and flip on uint8 levels, as the references
+    # apply them to the cropped PIL image (off by default: every preset without them keeps its exact pixels).
+    rand_augment: str | None = None  # timm RandAugment config string, e.g. "rand-m9-mstd0.5-inc1"
+    aug_fill: tuple[int, int, int] = (124, 116, 104)  # geometric ops' fill: timm's img_mean (ImageNet mean x 255)
+    aug_interpolation: str = "bicubic"  # geometric ops' PIL affine filter ("bicubic" or "bilinear")
+    jitter: tuple[float, float, float, float] | None = None  # ColorJitter(brightness, contrast, saturation, hue)
 
     def __post_init__(self) -> None:
         for name in (self.interpolation, self.eval_interpolation):
@@ -73,6 +83,14 @@ class ImageTransform:
                 raise CilbenchError(f"unknown interpolation {name!r} ({', '.join(FILTERS)})")
         if not 0.0 < self.eval_crop <= 1.0:
             raise CilbenchError(f"eval_crop must be in (0, 1], got {self.eval_crop}")
+        if self.rand_augment is not None:
+            parse_rand_augment(self.rand_augment)
+        if self.aug_interpolation not in ("bilinear", "bicubic"):
+            raise CilbenchError(f"aug_interpolation must be 'bilinear' or 'bicubic', got {self.aug_interpolation!r}")
+        if self.jitter is not None:
+            if len(self.jitter) != 4 or min(self.jitter) < 0 or self.jitter[3] > 0.5:
+                raise CilbenchError(f"jitter is (brightness, contrast, saturation, hue) with all >= 0 and hue <= 0.5, "
+                                    f"got {self.jitter}")
 
     def with_size(self, size: int) -> "ImageTransform":
         return replace(self, size=size)
@@ -99,7 +117,10 @@ class ImageTransform:
             out = _apply(x, my, mx, self.size, self.size, self.round_uint8)
         else:
             out = self._eval(x)
-        out = out.permute(0, 2, 1, 3).contiguous().div_(255.0)  # [B, C, size, size]
+        out = out.permute(0, 2, 1, 3).contiguous()  # [B, C, size, size], 0..255
+        if train and (self.rand_augment is not None or self.jitter is not None):
+            out = self._augment(out, generator)
+        out = out.div_(255.0)
         if out.shape[1] == 1:
             out = out.expand(-1, 3, -1, -1).contiguous()
         if self.mean is not None and self.std is not None:
@@ -137,6 +158,19 @@ class ImageTransform:
         cols = cols.to(x.device)
         out = padded[torch.arange(b, device=x.device)[:, None], rows]  # [B, n, C, S + 2p]
         return out.gather(3, cols[:, None, None, :].expand(-1, n, out.shape[2], -1))
+
+    def _augment(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The optional train stages on [B, C, size, size] levels: RandAugment, then ColorJitter (timm's order when
+        both are on; PyCIL's jitter follows the crop and flip). Grayscale images are treated as RGB; levels are
+        rounded to uint8 first (a no-op with ``round_uint8``), as the references hold PIL images there."""
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        x = x.round().clamp_(0.0, 255.0).contiguous()
+        if self.rand_augment is not None:
+            x = rand_augment(x, parse_rand_augment(self.rand_augment), generator, self.aug_fill,
+                             self.aug_interpolation)
+        if self.jitter is not None:
+            x = color_jitter(x, self.jitter, generator)
+        return x
 
     def _eval(self, x: torch.Tensor) -> torch.Tensor:
         """[B, S, C, S] -> [B, size, C, size]: Resize(R) + CenterCrop(size)."""
@@ -291,6 +325,390 @@ def sample_crops(b: int, scale: tuple[float, float], ratio: tuple[float, float],
     return w.float(), h.float(), x0.float(), y0.float()
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Colour jitter and RandAugment on uint8 levels. The references run these on PIL images (torchvision's ColorJitter on
+# a PIL image calls PIL's ImageEnhance / HSV conversion; timm's RandAugment calls PIL's ImageOps, ImageEnhance and
+# Image.transform), so each op below is PIL's arithmetic on float tensors of integer levels [N, 3, H, W], batched
+# over images with per-image parameters: float32 blends truncated to uint8 (ImagingBlend), fixed-point grayscale,
+# per-channel histogram LUTs, the 3x3 SMOOTH kernel in float32, and the affine resampler of Image.transform.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _div(a: torch.Tensor, b: float) -> torch.Tensor:
+    """a / b correctly rounded on every device (CUDA turns a division by a Python scalar into a multiplication by
+    its reciprocal, and ``b / tensor`` is one everywhere)."""
+    return torch.div(a, torch.full((), b, dtype=a.dtype, device=a.device))
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """PIL's convert("L") of RGB levels [N, 3, H, W] -> [N, 1, H, W]: ITU-R 601-2 weights in 16-bit fixed point."""
+    xi = x.to(torch.int32)
+    g = (xi[:, 0] * 19595 + xi[:, 1] * 38470 + xi[:, 2] * 7471 + 0x8000) >> 16
+    return g.unsqueeze(1).to(x.dtype)
+
+
+def pil_blend(degenerate: torch.Tensor, image: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Image.blend(degenerate, image, factor) per image (``factor``: [N]): PIL takes the factor as a C float, forms
+    degenerate + factor * (image - degenerate) in float32 and truncates to 0..255."""
+    f = factor.to(device=image.device, dtype=torch.float32).view(-1, 1, 1, 1)
+    out = degenerate.float() + f * (image.float() - degenerate.float())
+    return out.clamp_(0.0, 255.0).floor_()
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Brightness: a blend with black."""
+    return pil_blend(torch.zeros_like(x), x, factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Color (torchvision's adjust_saturation on PIL): a blend with the grayscale image."""
+    return pil_blend(_gray(x).expand_as(x), x, factor)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Contrast: a blend with the grayscale image's mean, rounded to a level."""
+    g = _gray(x).double()
+    mean = torch.floor(_div(g.sum((1, 2, 3)), float(g[0].numel())) + 0.5)
+    return pil_blend(mean.to(x.dtype).view(-1, 1, 1, 1).expand_as(x), x, factor)
+
+
+_K1 = torch.tensor(1.0, dtype=torch.float32) / 13.0  # ImageFilter.SMOOTH: (1 1 1, 1 5 1, 1 1 1) / 13, float32
+_K5 = torch.tensor(5.0, dtype=torch.float32) / 13.0
+
+
+def _smooth(x: torch.Tensor) -> torch.Tensor:
+    """PIL's SMOOTH filter: the 3x3 kernel summed row by row in float32 (+ 0.5, truncated); the border pixels are
+    copied unchanged, as ImagingFilter3x3 does."""
+    if x.shape[-1] < 3 or x.shape[-2] < 3:
+        return x.clone()
+    k1, k5 = _K1.to(x.device), _K5.to(x.device)
+
+    def row(r: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
+        return r[..., :-2] * k1 + r[..., 1:-1] * mid + r[..., 2:] * k1
+
+    ss = torch.full_like(x[..., 1:-1, 1:-1], 0.5)
+    ss = ss + row(x[..., 2:, :], k1)
+    ss = ss + row(x[..., 1:-1, :], k5)
+    ss = ss + row(x[..., :-2, :], k1)
+    out = x.clone()
+    out[..., 1:-1, 1:-1] = ss.clamp_(0.0, 255.0).floor_()
+    return out
+
+
+def adjust_sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Sharpness: a blend with the SMOOTH-filtered image."""
+    return pil_blend(_smooth(x), x, factor)
+
+
+def _round_half_up(v: torch.Tensor) -> torch.Tensor:  # C's round() on non-negative doubles
+    r = torch.floor(v)
+    return r + (v - r >= 0.5).to(v.dtype)
+
+
+def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_hue on a PIL image: convert("HSV") (PIL's rgb2hsv: float hue and saturation truncated
+    to 0..255), the hue channel shifted by int(factor * 255) modulo 256, and PIL's hsv2rgb back (rounded)."""
+    f32, f64 = torch.float32, torch.float64
+    r, g, b = x[:, 0].float(), x[:, 1].float(), x[:, 2].float()
+    maxc = torch.maximum(r, torch.maximum(g, b))
+    minc = torch.minimum(r, torch.minimum(g, b))
+    cr = maxc - minc
+    grey = cr == 0
+    crs = torch.where(grey, torch.ones_like(cr), cr)
+    s = cr / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
+    rc, gc, bc = (maxc - r) / crs, (maxc - g) / crs, (maxc - b) / crs
+    h = torch.where(r == maxc, bc - gc,
+                    torch.where(g == maxc, (2.0 + rc.double() - bc.double()).to(f32),
+                                (4.0 + gc.double() - rc.double()).to(f32)))
+    h = torch.fmod(_div(h.double(), 6.0) + 1.0, 1.0).to(f32)
+    uh = torch.where(grey, 0.0, torch.trunc(h.double() * 255.0).clamp(0, 255))
+    us = torch.where(grey, 0.0, torch.trunc(s.double() * 255.0).clamp(0, 255))
+    shift = torch.remainder(torch.trunc(factor.to(device=x.device, dtype=f64) * 255.0), 256.0).view(-1, 1, 1)
+    hd = torch.remainder(uh + shift, 256.0)  # uint8 wrap-around
+    v = maxc.double()
+    i = torch.floor(_div(hd * 6.0, 255.0))
+    fr = (_div(hd * 6.0, 255.0) - i).to(f32)
+    fs = _div(us, 255.0).to(f32)
+    p = _round_half_up(v * (1.0 - fs.double())).clamp(0, 255)
+    q = _round_half_up(v * (1.0 - (fs * fr).double())).clamp(0, 255)
+    t = _round_half_up(v * (1.0 - fs.double() * (1.0 - fr.double()))).clamp(0, 255)
+    sector = torch.remainder(i, 6.0)
+    chans = {0: (v, t, p), 1: (q, v, p), 2: (p, v, t), 3: (p, q, v), 4: (t, p, v), 5: (v, p, q)}
+    out = []
+    for c in range(3):
+        val = v
+        for k, trio in chans.items():
+            val = torch.where(sector == k, trio[c], val)
+        out.append(torch.where(us == 0, v, val))
+    return torch.stack(out, 1).to(x.dtype)
+
+
+def color_jitter(x: torch.Tensor, jitter: tuple[float, float, float, float],
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """torchvision's ColorJitter(brightness, contrast, saturation, hue) per image on levels [N, 3, H, W]: factors
+    uniform in [max(0, 1 - v), 1 + v] (hue in [-h, h]), a factor of 0 turning its op off, the four ops applied in an
+    order drawn per image (torchvision's randperm(4)). Draws: the orders, then each active factor, from
+    ``generator`` on the CPU."""
+    n = x.shape[0]
+    order = torch.argsort(torch.rand(n, 4, generator=generator), dim=1)
+    fns = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    factors: list[torch.Tensor | None] = []
+    for k, v in enumerate(jitter):
+        if v == 0:
+            factors.append(None)
+            continue
+        lo, hi = (-v, v) if k == 3 else (max(0.0, 1.0 - v), 1.0 + v)
+        factors.append(torch.empty(n).uniform_(lo, hi, generator=generator))
+    for step in range(4):
+        for k in range(4):
+            f = factors[k]
+            if f is None:
+                continue
+            sel = (order[:, step] == k).nonzero().squeeze(1)
+            if sel.numel():
+                idx = sel.to(x.device)
+                x[idx] = fns[k](x[idx], f[sel])
+    return x
+
+
+# RandAugment (timm auto_augment.py, also v0.5.4 which DyTox / DNE pin): the op lists, in timm's order
+RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
+            "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+RAND_INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+                       "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                       "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+@dataclass(frozen=True)
+class RandAugmentSpec:
+    """timm's RandAugment settings: ``num_layers`` ops per image, each drawn uniformly (with replacement) and applied
+    with probability ``prob``, at magnitude ~ N(magnitude, std) clipped to [0, max] (std inf: uniform in [0,
+    magnitude]); levels are magnitude / 10 of each op's range."""
+
+    magnitude: float = 10.0
+    num_layers: int = 2
+    std: float = 0.0
+    max: float = 10.0
+    increasing: bool = False
+    prob: float = 0.5
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        return RAND_INCREASING_OPS if self.increasing else RAND_OPS
+
+
+def parse_rand_augment(config: str) -> RandAugmentSpec:
+    """timm's ``rand_augment_transform`` config string: "rand" then dash-separated sections m (magnitude), n (ops per
+    image), mstd (magnitude noise; > 100 means uniform), mmax (magnitude bound) and inc (the increasing op set; timm
+    tests the section's text, so any "inc" section turns it on). Weighted op choice (w) is not supported."""
+    parts = config.split("-")
+    if parts[0] != "rand":
+        raise CilbenchError(f"RandAugment config must start with 'rand', got {config!r}")
+    kw: dict = {}
+    for part in parts[1:]:
+        m = re.match(r"([a-z]+)(\d.*)$", part)
+        if m is None:
+            continue  # timm skips sections without a value
+        key, val = m.groups()
+        try:
+            if key == "m":
+                kw["magnitude"] = float(int(val))
+            elif key == "n":
+                kw["num_layers"] = int(val)
+            elif key == "mstd":
+                kw["std"] = math.inf if float(val) > 100 else float(val)
+            elif key == "mmax":
+                kw["max"] = float(int(val))
+            elif key == "inc":
+                kw["increasing"] = bool(val)
+            else:
+                raise CilbenchError(f"unsupported RandAugment section {part!r} in {config!r}")
+        except ValueError as e:
+            raise CilbenchError(f"bad RandAugment section {part!r} in {config!r}") from e
+    return RandAugmentSpec(**kw)
+
+
+def rand_augment_args(name: str, magnitude: torch.Tensor, negate: torch.Tensor,
+                      translate_pct: float = 0.45) -> torch.Tensor | None:
+    """timm's level-to-argument map of op ``name`` at per-image ``magnitude`` ([N], float64, already clipped), signed
+    ops negated where ``negate``; None for the ops without an argument."""
+    m = magnitude.double().cpu()  # on the CPU: the divisions below are then correctly rounded, as Python's
+    sign = torch.where(negate.cpu(), -1.0, 1.0).double()
+    if name in ("AutoContrast", "Equalize", "Invert"):
+        return None
+    if name == "Rotate":
+        return sign * (m / 10.0 * 30.0)
+    if name in ("ShearX", "ShearY"):
+        return sign * (m / 10.0 * 0.3)
+    if name in ("TranslateXRel", "TranslateYRel"):
+        return sign * (m / 10.0 * translate_pct)
+    if name == "Posterize":
+        return torch.trunc(m / 10.0 * 4)
+    if name == "PosterizeIncreasing":
+        return 4 - torch.trunc(m / 10.0 * 4)
+    if name == "Solarize":
+        return torch.trunc(m / 10.0 * 256).clamp(max=256)
+    if name == "SolarizeIncreasing":
+        return 256 - torch.trunc(m / 10.0 * 256).clamp(max=256)
+    if name == "SolarizeAdd":
+        return torch.trunc(m / 10.0 * 110).clamp(max=128)
+    if name in ("Color", "Contrast", "Brightness", "Sharpness"):
+        return m / 10.0 * 1.8 + 0.1
+    if name in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"):
+        return torch.clamp(1.0 + sign * (m / 10.0 * 0.9), min=0.1)
+    raise CilbenchError(f"unknown RandAugment op {name!r}")
+
+
+def _lut_autocontrast(x: torch.Tensor) -> torch.Tensor:
+    """ImageOps.autocontrast (no cutoff): per channel, levels lo..hi stretched to 0..255 by int(v * scale + offset);
+    a constant channel is left as is."""
+    lo = x.amin((2, 3), keepdim=True).double()
+    hi = x.amax((2, 3), keepdim=True).double()
+    scale = torch.div(torch.full_like(hi, 255.0), torch.where(hi > lo, hi - lo, torch.ones_like(hi)))
+    out = torch.trunc(x.double() * scale + (-lo) * scale).clamp_(0.0, 255.0)
+    return torch.where(hi > lo, out, x.double()).to(x.dtype)
+
+
+def _lut_equalize(x: torch.Tensor) -> torch.Tensor:
+    """ImageOps.equalize: per channel, step = (pixels - count of the highest level present) // 255 and
+    lut[i] = (step // 2 + pixels below level i) // step; identity with one level present or step 0."""
+    n, c, h, w = x.shape
+    v = x.long().view(n, c, h * w)
+    hist = torch.zeros(n, c, 256, dtype=torch.long, device=x.device).scatter_add_(2, v, torch.ones_like(v))
+    present = hist > 0
+    last = 255 - present.flip(-1).long().argmax(-1, keepdim=True)
+    step = (h * w - hist.gather(2, last)) // 255  # [N, C, 1]
+    keep = (present.sum(-1, keepdim=True) <= 1) | (step == 0)
+    below = hist.cumsum(-1) - hist
+    lut = ((step // 2 + below) // step.clamp(min=1)).clamp_(max=255)
+    out = torch.where(keep, v, lut.gather(2, v))
+    return out.view(n, c, h, w).to(x.dtype)
+
+
+def _cubic_pil(v1, v2, v3, v4, d):  # PIL's affine bicubic (a = -1), evaluated in its order, float64
+    p2 = -v1 + v3
+    p3 = 2 * (v1 - v2) + v3 - v4
+    p4 = -v1 + v2 - v3 + v4
+    return v2 + d * (p2 + d * (p3 + d * p4))
+
+
+def pil_affine(x: torch.Tensor, matrices: torch.Tensor, fill: tuple[int, ...], interpolation: str = "bicubic"
+               ) -> torch.Tensor:
+    """Image.transform(size, AFFINE, data, resample, fillcolor=fill) per image: output pixel (x, y) reads the input
+    at (a x' + b y' + c, d x' + e y' + f) with x' = x + 0.5, y' = y + 0.5 (``matrices`` [N, 6]); points outside
+    the image get ``fill``; inside, PIL's bicubic (a = -1, 4 x 4 taps clamped at the edges, clipped, truncated) or
+    bilinear filter, in float64 as PIL computes it."""
+    n, c, h, w = x.shape
+    dev = x.device
+    a = matrices.to(device=dev, dtype=torch.float64).view(n, 6, 1, 1)
+    xo = (torch.arange(w, device=dev, dtype=torch.float64) + 0.5).view(1, 1, w)
+    yo = (torch.arange(h, device=dev, dtype=torch.float64) + 0.5).view(1, h, 1)
+    xin = a[:, 0] * xo + a[:, 1] * yo + a[:, 2]  # [N, H, W]
+    yin = a[:, 3] * xo + a[:, 4] * yo + a[:, 5]
+    inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
+    xs, ys = xin - 0.5, yin - 0.5
+    fx, fy = torch.floor(xs), torch.floor(ys)
+    dx, dy = (xs - fx).unsqueeze(1), (ys - fy).unsqueeze(1)
+    offsets = (-1, 0, 1, 2) if interpolation == "bicubic" else (0, 1)
+    cols = [(fx + o).clamp(0, w - 1).long() for o in offsets]
+    rows = [(fy + o).clamp(0, h - 1).long() for o in offsets]
+    flat = x.double().reshape(n, c, h * w)
+
+    def tap(r: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return flat.gather(2, (r * w + q).view(n, 1, h * w).expand(n, c, -1)).view(n, c, h, w)
+
+    if interpolation == "bicubic":
+        vals = [_cubic_pil(*(tap(r, q) for q in cols), dx) for r in rows]
+        out = _cubic_pil(*vals, dy).clamp_(0.0, 255.0)
+    else:
+        vals = []
+        for r in rows:
+            v0, v1 = (tap(r, q) for q in cols)
+            vals.append(v0 + (v1 - v0) * dx)
+        out = vals[0] + (vals[1] - vals[0]) * dy
+    out = out.floor_().to(x.dtype)
+    fill_t = torch.tensor(fill, dtype=x.dtype, device=dev).view(1, -1, 1, 1)
+    return torch.where(inside.unsqueeze(1), out, fill_t.expand(n, c, 1, 1))
+
+
+def _rotate_matrix(degrees: float, w: int, h: int) -> list[float]:
+    """Image.rotate's inverse matrix about the centre (w / 2, h / 2), counter-clockwise degrees, as Pillow builds
+    it (angle modulo 360, entries rounded to 15 decimals)."""
+    angle = -math.radians(degrees % 360.0)
+    m = [round(math.cos(angle), 15), round(math.sin(angle), 15), 0.0,
+         round(-math.sin(angle), 15), round(math.cos(angle), 15), 0.0]
+    cx, cy = w / 2, h / 2
+    m[2] = m[0] * -cx + m[1] * -cy + m[2] + cx
+    m[5] = m[3] * -cx + m[4] * -cy + m[5] + cy
+    return m
+
+
+def rand_augment_op(name: str, x: torch.Tensor, arg: torch.Tensor | None, fill: tuple[int, ...] = (128, 128, 128),
+                    interpolation: str = "bicubic") -> torch.Tensor:
+    """timm's op ``name`` (PIL) on levels [N, 3, H, W] with per-image arguments ``arg`` ([N], as
+    ``rand_augment_args`` gives them)."""
+    n, _, h, w = x.shape
+    if name == "AutoContrast":
+        return _lut_autocontrast(x)
+    if name == "Equalize":
+        return _lut_equalize(x)
+    if name == "Invert":
+        return 255.0 - x
+    assert arg is not None
+    a = arg.to(device=x.device, dtype=torch.float64).view(-1, 1, 1, 1)
+    if name.startswith("Posterize"):  # bits kept; 0 bits gives black (Pillow <= 12; Pillow 13 rejects it)
+        mask = torch.bitwise_not(2 ** (8 - a.clamp(max=8).long()) - 1)
+        return torch.where(a >= 8, x, (x.long() & mask).to(x.dtype))
+    if name.startswith("Solarize") and name != "SolarizeAdd":
+        return torch.where(x < a, x, 255.0 - x)
+    if name == "SolarizeAdd":
+        return torch.where(x < 128, (x + a).clamp(max=255.0), x.double()).to(x.dtype)
+    for prefix, fn in (("Color", adjust_saturation), ("Contrast", adjust_contrast), ("Brightness", adjust_brightness),
+                       ("Sharpness", adjust_sharpness)):
+        if name.startswith(prefix):
+            return fn(x, arg)
+    v = arg.double().cpu()
+    one, zero = torch.ones_like(v), torch.zeros_like(v)
+    if name == "ShearX":
+        mats = torch.stack([one, v, zero, zero, one, zero], 1)
+    elif name == "ShearY":
+        mats = torch.stack([one, zero, zero, v, one, zero], 1)
+    elif name == "TranslateXRel":
+        mats = torch.stack([one, zero, v * w, zero, one, zero], 1)
+    elif name == "TranslateYRel":
+        mats = torch.stack([one, zero, zero, zero, one, v * h], 1)
+    elif name == "Rotate":
+        mats = torch.tensor([_rotate_matrix(d, w, h) for d in v.tolist()], dtype=torch.float64)
+    else:
+        raise CilbenchError(f"unknown RandAugment op {name!r}")
+    return pil_affine(x, mats, fill, interpolation)
+
+
+def rand_augment(x: torch.Tensor, spec: RandAugmentSpec, generator: torch.Generator | None = None,
+                 fill: tuple[int, ...] = (128, 128, 128), interpolation: str = "bicubic") -> torch.Tensor:
+    """timm's RandAugment per image on levels [N, 3, H, W]. Draws from ``generator`` (CPU): the op of each layer,
+    whether it applies, its magnitude and its sign, all [N, num_layers]; each layer then runs every op on the images
+    that drew it."""
+    n, layers = x.shape[0], spec.num_layers
+    ops = spec.ops
+    choice = torch.randint(0, len(ops), (n, layers), generator=generator)
+    applied = torch.rand(n, layers, generator=generator, dtype=torch.float64) <= spec.prob
+    if math.isinf(spec.std):
+        mag = torch.rand(n, layers, generator=generator, dtype=torch.float64) * spec.magnitude
+    else:
+        mag = spec.magnitude + spec.std * torch.randn(n, layers, generator=generator, dtype=torch.float64)
+    mag = mag.clamp(0.0, spec.max)
+    negate = torch.rand(n, layers, generator=generator, dtype=torch.float64) > 0.5
+    for layer in range(layers):
+        for j, name in enumerate(ops):
+            sel = (applied[:, layer] & (choice[:, layer] == j)).nonzero().squeeze(1)
+            if sel.numel():
+                idx = sel.to(x.device)
+                arg = rand_augment_args(name, mag[sel, layer], negate[sel, layer])
+                x[idx] = rand_augment_op(name, x[idx], arg, fill, interpolation)
+    return x
+
+
 PRESETS: dict[str, ImageTransform] = {
     # PILOT (EASE / MOS / SLCA / CICAE), LAMDA-PILOT utils/data.py build_transform (also CVPR24-Ease): train
     # RandomResizedCrop(224, scale=(0.05, 1), ratio=(3/4, 4/3)) with torchvision's default BILINEAR (PIL, antialiased)
@@ -316,15 +734,43 @@ PRESETS: dict[str, ImageTransform] = {
                                interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
     # From-scratch CIFAR training (PyCIL / PODNet / DER / iCaRL family, e.g. PyCIL utils/data.py iCIFAR100):
     # RandomCrop(32, padding=4) + RandomHorizontalFlip, test = the image as is, CIFAR-100 mean / std. PyCIL also adds
-    # ColorJitter(brightness=63/255), which ImageTransform does not do (noted in the README).
+    # ColorJitter(brightness=63/255): that is "cifar-pycil" below; this preset keeps it off.
     "cifar": ImageTransform(size=32, pad=4, flip=True, eval_crop=1.0, mean=(0.5071, 0.4867, 0.4408),
                             std=(0.2675, 0.2565, 0.2761)),
     # From-scratch ImageNet(-100) training of the ResNet baselines (PyCIL utils/data.py iImageNet100): train
     # RandomResizedCrop(224) (torchvision defaults: scale (0.08, 1), bilinear) + flip (+ ColorJitter(brightness=63/255),
-    # not done here); test Resize(256) + CenterCrop(224) (bilinear); ImageNet mean / std.
+    # off here: ``replace(..., jitter=(63 / 255, 0, 0, 0))`` adds it); test Resize(256) + CenterCrop(224) (bilinear);
+    # ImageNet mean / std.
     "imagenet-scratch": ImageTransform(size=224, scale=(0.08, 1.0), eval_crop=224 / 256, interpolation="bilinear",
                                        eval_interpolation="bilinear", mean=(0.485, 0.456, 0.406),
                                        std=(0.229, 0.224, 0.225)),
+    # PyCIL's iImageNet100 (G-U-N/PyCIL utils/data.py): "imagenet-scratch" + ColorJitter(brightness=63/255) after
+    # the crop and flip.
+    "imagenet-pycil": ImageTransform(size=224, scale=(0.08, 1.0), eval_crop=224 / 256, interpolation="bilinear",
+                                     eval_interpolation="bilinear", mean=(0.485, 0.456, 0.406),
+                                     std=(0.229, 0.224, 0.225), jitter=(63 / 255, 0.0, 0.0, 0.0)),
+    # PyCIL's iCIFAR100 (G-U-N/PyCIL utils/data.py): "cifar" + ColorJitter(brightness=63/255) after the crop and
+    # flip, on the PIL image (DummyDataset: Image.fromarray), i.e. a brightness factor uniform in [1 - 63/255,
+    # 1 + 63/255] per image; ToTensor + CIFAR-100 mean / std.
+    "cifar-pycil": ImageTransform(size=32, pad=4, flip=True, eval_crop=1.0, mean=(0.5071, 0.4867, 0.4408),
+                                  std=(0.2675, 0.2565, 0.2761), jitter=(63 / 255, 0.0, 0.0, 0.0)),
+    # DNE / DyTox on CIFAR (BinahHu/DNE and arthurdouillard/dytox continual/datasets.py build_transform, main.py
+    # defaults --aa rand-m9-mstd0.5-inc1 --color-jitter 0.4, timm 0.5.4 pinned by DNE): timm create_transform(32,
+    # bicubic) with its RandomResizedCrop replaced by RandomCrop(32, padding=4), then flip and RandAugment; timm
+    # skips the colour jitter whenever auto_augment is set (transforms_imagenet_train: "elif color_jitter"), so
+    # there is none. RandAugment's fill is timm's img_mean of create_transform's default ImageNet mean (124, 116,
+    # 104; DyTox only swaps the final Normalize for CIFAR's), geometric ops bicubic. Test: ToTensor + CIFAR mean / std.
+    "dne-cifar": ImageTransform(size=32, pad=4, flip=True, eval_crop=1.0, mean=(0.5071, 0.4867, 0.4408),
+                                std=(0.2675, 0.2565, 0.2761), rand_augment="rand-m9-mstd0.5-inc1",
+                                aug_fill=(124, 116, 104), aug_interpolation="bicubic"),
+    # DNE / DyTox at 224 (ImageNet-100): timm RandomResizedCropAndInterpolation(224, scale (0.08, 1), ratio (3/4,
+    # 4/3), bicubic: build_transform passes interpolation='bicubic'; --train-interpolation is not read there) +
+    # flip + RandAugment rand-m9-mstd0.5-inc1 (no jitter, as above); test Resize(256, BICUBIC) + CenterCrop(224);
+    # ImageNet mean / std.
+    "dne-imagenet": ImageTransform(size=224, scale=(0.08, 1.0), eval_crop=224 / 256, interpolation="bicubic",
+                                   eval_interpolation="bicubic", mean=(0.485, 0.456, 0.406),
+                                   std=(0.229, 0.224, 0.225), rand_augment="rand-m9-mstd0.5-inc1",
+                                   aug_fill=(124, 116, 104), aug_interpolation="bicubic"),
     # the --quick smoke profile (no reference): light crops, no flip, no normalisation, so a random tiny ViT can
     # learn 8x8 digits in a few epochs (crops down to 5% of the image, as PILOT's, leave almost nothing to learn from)
     "quick": ImageTransform(size=224, scale=(0.9, 1.0), flip=False, eval_crop=1.0, interpolation="bicubic",

@@ -149,6 +149,9 @@ class DER(Method):
                  transform="quick", memory_size=40,
                  ft_epochs=15, ft_lr=1e-2, ft_milestones=(), ft_weight_decay=0.0, ft_temperature=1.0)
     unused_settings = ("label_smoothing",)
+    # PyCIL's pipelines (pad-4 crop / random-resized crop + flip + ColorJitter(brightness=63/255)): data.augment's
+    # "cifar-pycil" / "imagenet-pycil"
+    presets = {"cifar100": dict(transform="cifar-pycil"), "imagenet100": dict(transform="imagenet-pycil")}
     dataset_backbones = {"imagenet100": "resnet18"}  # the standard ResNet18 on ImageNet100 (DNE §4)
 
     def __init__(self, cfg, backbone, scenario):

@@ -54,8 +54,11 @@ drop-path 0.1 (linearly increasing over the blocks, as timm / DyTox), batch **12
 official 5e-4 scaled by batch / 512 (DyTox's rule), so ``lr`` = 1.25e-4 at batch 128 (the shipped 4 x 64 = 256 runs
 had 2.5e-4: ``--set batch_size=256 lr=2.5e-4``). ``lr`` and ``ft_lr`` are the already-scaled values; change them
 with the batch. Balanced finetuning: 20 epochs at 5e-5 x 128 / 512 = 1.25e-5, constant lr (the finetuning schedule
-is UNVERIFIED). Warmup here is linear from 0 (the trainer's), the code's starts at 1e-6. Augmentation: the
-backbone's ``cifar`` preset (pad-4 crop + flip); the code's RandAugment and colour jitter are not reproduced.
+is UNVERIFIED). Warmup here is linear from 0 (the trainer's), the code's starts at 1e-6. Augmentation (presets
+``cifar100`` / ``imagenet100``): the code's timm pipeline, ``dne-cifar`` (pad-4 crop + flip + RandAugment
+``rand-m9-mstd0.5-inc1``) and ``dne-imagenet`` (bicubic random-resized crop + flip + the same RandAugment); the
+code's ``--color-jitter 0.4`` never applies (timm skips it when RandAugment is on). Other datasets: the backbone's
+protocol (``--set transform=dne-cifar`` for another 32-px dataset).
 
 Where the paper and the code disagree (the project's rule: the paper's reading by default, the code's a setting)
 ------------------------------------------------------------------------------------------------------------
@@ -381,6 +384,9 @@ class DNE(Method):
                  min_lr=0.0, weight_decay=0.0, transform="quick", memory_size=40, first_heads=2, head_dim=8,
                  depth=2, patch_size=8, drop_path=0.0, ft_epochs=3, ft_lr=1e-3)
     unused_settings = ("label_smoothing",)
+    # the official augmentation (timm create_transform with RandAugment rand-m9-mstd0.5-inc1; timm skips the colour
+    # jitter when RandAugment is on): data.augment's "dne-cifar" / "dne-imagenet"
+    presets = {"cifar100": dict(transform="dne-cifar"), "imagenet100": dict(transform="dne-imagenet")}
     dataset_backbones = {"imagenet100": "vit-scratch-224"}  # patch 16 at 224 px on ImageNet100 (DNE §4)
 
     def __init__(self, cfg, backbone, scenario):

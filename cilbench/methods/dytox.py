@@ -72,8 +72,10 @@ Training (per task t; the runner's hooks)
   ``lr`` and ``ft_lr`` are the already-scaled values; change them with the batch. The published CIFAR runs used 2
   GPUs x 128 (README / erratum), i.e. an effective batch 256 and lr 2.5e-4: ``--set batch_size=256 lr=2.5e-4
   ft_lr=2.5e-5``. Warmup here is linear from 0 (the trainer's), the code's from 1e-6.
-* Augmentation: the backbone's ``cifar`` preset (pad-4 crop + flip); the code's RandAugment
-  (``rand-m9-mstd0.5-inc1``) and colour jitter 0.4 are not reproduced. Mixup / CutMix / erasing are off in the yaml.
+* Augmentation (presets ``cifar100`` / ``imagenet100``): the code's timm pipeline, ``dne-cifar`` (pad-4 crop +
+  flip + RandAugment ``rand-m9-mstd0.5-inc1``) and ``dne-imagenet``; the code's colour jitter 0.4 never applies
+  (timm skips it when RandAugment is on). Mixup / CutMix / erasing are off in the yaml. Other datasets: the
+  backbone's protocol.
 
 Where the paper and the code disagree, or the code does what a baseline should not (the paper's reading or the
 usual protocol by default, the code's as a setting)
@@ -283,6 +285,9 @@ class DyTox(Method):
                  min_lr=0.0, weight_decay=0.0, transform="quick", memory_size=40, drop_path=0.0, ft_epochs=3,
                  ft_lr=1e-3)
     unused_settings = ("label_smoothing",)
+    # the official augmentation (timm create_transform with RandAugment rand-m9-mstd0.5-inc1; timm skips the colour
+    # jitter when RandAugment is on): data.augment's "dne-cifar" / "dne-imagenet"
+    presets = {"cifar100": dict(transform="dne-cifar"), "imagenet100": dict(transform="dne-imagenet")}
     dataset_backbones = {"imagenet100": "vit-scratch-224"}  # patch 16 at 224 px (imagenet_dytox.yaml)
 
     def __init__(self, cfg, backbone, scenario):

@@ -62,6 +62,9 @@ class ICaRL(Method):
     quick = dict(optimizer="adam", lr=1e-3, epochs=8, batch_size=32, schedule="constant", lr_milestones=(),
                  transform="quick", memory_size=40)
     unused_settings = ("label_smoothing", "first_weight_decay")
+    # PyCIL's pipelines (pad-4 crop / random-resized crop + flip + ColorJitter(brightness=63/255)): data.augment's
+    # "cifar-pycil" / "imagenet-pycil"
+    presets = {"cifar100": dict(transform="cifar-pycil"), "imagenet100": dict(transform="imagenet-pycil")}
     dataset_backbones = {"imagenet100": "resnet18"}  # the standard ResNet18 on ImageNet100 (DNE §4)
 
     def __init__(self, cfg, backbone, scenario):

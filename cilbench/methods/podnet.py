@@ -211,6 +211,9 @@ class PODNet(Method):
     quick = dict(optimizer="adam", lr=1e-3, epochs=8, batch_size=32, schedule="constant", weight_decay=0.0,
                  transform="quick", memory_size=40, nb_proxy=4, scale_init=8.0, ft_epochs=2, ft_lr=1e-3)
     unused_settings = ("label_smoothing", "first_weight_decay")
+    # PyCIL's pipelines (pad-4 crop / random-resized crop + flip + ColorJitter(brightness=63/255)): data.augment's
+    # "cifar-pycil" / "imagenet-pycil"
+    presets = {"cifar100": dict(transform="cifar-pycil"), "imagenet100": dict(transform="imagenet-pycil")}
     dataset_backbones = {"imagenet100": "resnet18"}  # the standard ResNet18 on ImageNet100 (DNE §4)
 
     def __init__(self, cfg, backbone, scenario):
