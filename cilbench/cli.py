@@ -713,10 +713,14 @@ def sweep_cmd(
 
 @app.command("plot")
 def plot_cmd(
-    what: str = typer.Argument(..., help="curves (A_t per task, one line per method) or matrix (a record's "
-                                         "accuracy matrix as a heat map)."),
+    what: str = typer.Argument(..., help="curves (A_t per task, one line per method), matrix (a record's "
+                                         "accuracy matrix as a heat map) or scaling (a suite's A_last against the "
+                                         "number of tasks)."),
     record: Optional[Path] = typer.Argument(None, help="matrix: the run record (JSON)."),
-    results: Path = typer.Option(Path("results"), "--results", help="curves: folder of run records."),
+    results: Path = typer.Option(Path("results"), "--results", help="curves, scaling: folder of run records."),
+    benchmark: Optional[str] = typer.Option(None, "--benchmark", "-b", help="scaling: the suite (e.g. ham-scaling)."),
+    metric: str = typer.Option("A_last", "--metric", help="scaling: the metric on the y axis."),
+    quick: bool = typer.Option(False, "--quick", help="scaling: the suite's quick-profile smoke runs."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="curves: the dataset."),
     scenario: Optional[str] = typer.Option(None, "--scenario", "-s", help="curves: the scenario (default: the "
                                                                           "only one found)."),
@@ -727,15 +731,25 @@ def plot_cmd(
     Tasks are numbered from 1 in both plots. Curves: one line per method (and configuration), the legend beside the
     axes; a one-task run (joint training) is a marked point with a dotted level line.
 
-    Example: [bold]cilbench plot curves --dataset imagenet-a -o curves.png[/]  or  [bold]cilbench plot matrix
-    results/RUN.json -o matrix.png[/]
-    """
-    from cilbench.results.plots import check_png_output, plot_curves, plot_matrix
+    Scaling: one panel per dataset of the suite, the metric against the number of tasks of its columns, one line
+    per row (the runs the sweep makes for it).
 
-    if what not in ("curves", "matrix"):
-        raise CilbenchError(f"unknown plot {what!r} (curves or matrix)")
+    Example: [bold]cilbench plot curves --dataset imagenet-a -o curves.png[/]  or  [bold]cilbench plot matrix
+    results/RUN.json -o matrix.png[/]  or  [bold]cilbench plot scaling --benchmark ham-scaling -o scaling.png[/]
+    """
+    from cilbench.results.plots import check_png_output, plot_curves, plot_matrix, plot_scaling
+
+    if what not in ("curves", "matrix", "scaling"):
+        raise CilbenchError(f"unknown plot {what!r} (curves, matrix or scaling)")
     output = check_png_output(output)  # before any record is read or any figure drawn
-    if what == "curves":
+    if what == "scaling":
+        if not benchmark:
+            raise CilbenchError("plot scaling needs --benchmark SUITE (e.g. ham-scaling)")
+        from cilbench.suites import load_suite
+
+        plot_scaling(load_suite(benchmark), results if results.is_dir() else None, output,
+                     "quick" if quick else "full", metric, on_skip=_warn_skipped)
+    elif what == "curves":
         if not dataset:
             raise CilbenchError("plot curves needs --dataset")
         plot_curves(results, dataset, scenario, output, on_skip=_warn_skipped)

@@ -1,4 +1,5 @@
-"""PNG plots of run records: accuracy-per-task curves per method, and an accuracy matrix as a heat map.
+"""PNG plots of run records: accuracy-per-task curves per method, an accuracy matrix as a heat map, and a suite's
+scaling plot (a metric against the number of tasks, one line per row, one panel per dataset).
 
 Both number tasks from 1. Curves put the legend beside the axes (never over the lines), mark every point with a
 marker of its own per series, draw a curve that lies on an earlier one dashed and thinner on top of it (and say so in
@@ -149,6 +150,81 @@ def plot_curves(results_dir: str | Path, dataset: str, scenario: str | None, out
     ax.set_title(f"{dataset} {scenario}", fontsize=10)
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right upper", fontsize=7, title="method", title_fontsize=8)
+    _save(fig, output)
+    return fig
+
+
+def scaling_series(suite, results_dir: str | Path | None, profile: str = "full", metric: str = "A_last",
+                   on_skip: Callable[[Skipped], None] | None = None) -> dict[str, list[Series]]:
+    """Per dataset of ``suite``, one ``Series`` per row with runs: ``metric`` (mean and std over seeds) against the
+    number of tasks of each of the dataset's columns (``tasks``), read through the suite's table, so each row holds
+    exactly the runs the sweep makes for it."""
+    from cilbench.data.catalog import get_spec
+    from cilbench.data.scenario import increments, parse_scenario
+    from cilbench.results.tables import suite_table
+
+    columns: dict[str, list[tuple[int, int]]] = {}  # dataset -> [(number of tasks, column index)]
+    for j, c in enumerate(suite.columns):
+        if c.scenario.startswith("order-"):
+            raise CilbenchError(f"plot scaling: {suite.name} has an MTIL column ({c.dataset} {c.scenario}); scaling "
+                                f"plots take class-incremental columns B<base>Inc<step>")
+        base, inc = parse_scenario(c.scenario)
+        columns.setdefault(c.dataset, []).append((len(increments(get_spec(c.dataset).num_classes, base, inc)), j))
+    [table] = suite_table(suite, results_dir, None, profile, on_skip)[:1]
+    out: dict[str, list[Series]] = {}
+    for dataset, cols in columns.items():
+        cols.sort()
+        for row, line in zip(table.rows, table.cells):
+            points = [(n, line[j].get(metric)) for n, j in cols]
+            points = [(n, cell) for n, cell in points if cell is not None and cell.mean is not None]
+            if not points:
+                continue
+            tasks = np.array([n for n, _ in points], float)
+            mean = np.array([cell.mean for _, cell in points], float)
+            std = np.array([cell.std or 0.0 for _, cell in points], float)
+            seeds = min(cell.n for _, cell in points)
+            out.setdefault(dataset, []).append(Series(row.label, tasks, tasks, mean,
+                                                      std if seeds > 1 else None, seeds))
+    if not out:
+        where = f"under {results_dir}" if results_dir else "(no results folder)"
+        raise CilbenchError(f"no {profile} runs of {suite.name} {where}: run `cilbench sweep {suite.name}"
+                            f"{' --quick' if profile != 'full' else ''}` first")
+    return out
+
+
+def plot_scaling(suite, results_dir: str | Path | None, output: str | Path, profile: str = "full",
+                 metric: str = "A_last", on_skip: Callable[[Skipped], None] | None = None):
+    """``metric`` against the number of tasks, one line per suite row, one panel per dataset, as a PNG (the HAM
+    claim: the gap to the baselines grows with the number of tasks); returns the figure (closed)."""
+    from cilbench.results.tables import METRIC_LABELS
+
+    output = check_png_output(output)
+    panels = scaling_series(suite, results_dir, profile, metric, on_skip)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 2.2, 3.8), layout="constrained",
+                             squeeze=False)
+    labels = [s.label for series in panels.values() for s in series]
+    order = list(dict.fromkeys(labels))  # one marker and colour per row across the panels
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (dataset, series) in zip(axes[0], panels.items()):
+        for s in series:
+            k = order.index(s.label)
+            (line,) = ax.plot(s.tasks, s.mean, marker=MARKERS[k % len(MARKERS)], color=colours[k % len(colours)],
+                              lw=1.8, clip_on=False, label=s.label)
+            if s.std is not None:
+                ax.fill_between(s.tasks, s.mean - s.std, s.mean + s.std, color=line.get_color(), alpha=0.15, lw=0)
+        ticks = sorted({int(t) for s in series for t in s.tasks})
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("number of tasks")
+        ax.set_title(dataset, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%)")
+    handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
+    fig.legend([handles[name] for name in order], order, loc="outside right upper", fontsize=7, title="method",
+               title_fontsize=8)
+    fig.suptitle(suite.title + (f" [{profile}]" if profile != "full" else ""), fontsize=10)
     _save(fig, output)
     return fig
 
