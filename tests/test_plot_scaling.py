@@ -50,13 +50,14 @@ def test_each_row_is_a_line_of_a_last_against_the_number_of_tasks(scaling):
     suite, results = scaling
     panels = scaling_series(suite, results)
     assert list(panels) == ["cifar100", "cub"]
-    cifar = {s.label: s for s in panels["cifar100"]}
+    assert panels["cifar100"][0] == [10, 20, 50] and panels["cub"][0] == [10, 50]  # every column's task count
+    cifar = {s.label: s for s in panels["cifar100"][1]}
     assert set(cifar) == {"SimpleCIL", "EASE"}  # L2P has no method, so no runs: no line
     assert cifar["SimpleCIL"].tasks.tolist() == [10, 20, 50]
     assert cifar["SimpleCIL"].mean.tolist() == [81.0, 78.0, 75.5]  # the mean over the seeds of B0Inc10
     assert cifar["SimpleCIL"].std is None and cifar["SimpleCIL"].seeds == 1  # one seed where the line has one
     assert cifar["EASE"].tasks.tolist() == [10, 50] and cifar["EASE"].mean.tolist() == [86.0, 84.0]
-    [cub] = panels["cub"]
+    [cub] = panels["cub"][1]
     assert (cub.label, cub.tasks.tolist(), cub.mean.tolist()) == ("SimpleCIL", [50], [60.0])  # 200 classes / 4
 
 

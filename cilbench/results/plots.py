@@ -155,10 +155,10 @@ def plot_curves(results_dir: str | Path, dataset: str, scenario: str | None, out
 
 
 def scaling_series(suite, results_dir: str | Path | None, profile: str = "full", metric: str = "A_last",
-                   on_skip: Callable[[Skipped], None] | None = None) -> dict[str, list[Series]]:
-    """Per dataset of ``suite``, one ``Series`` per row with runs: ``metric`` (mean and std over seeds) against the
-    number of tasks of each of the dataset's columns (``tasks``), read through the suite's table, so each row holds
-    exactly the runs the sweep makes for it."""
+                   on_skip: Callable[[Skipped], None] | None = None) -> dict[str, tuple[list[int], list[Series]]]:
+    """Per dataset of ``suite``: the numbers of tasks of its columns, and one ``Series`` per row with runs, ``metric``
+    (mean and std over seeds) against the number of tasks (``tasks``), read through the suite's table, so each row
+    holds exactly the runs the sweep makes for it."""
     from cilbench.data.catalog import get_spec
     from cilbench.data.scenario import increments, parse_scenario
     from cilbench.results.tables import suite_table
@@ -171,9 +171,10 @@ def scaling_series(suite, results_dir: str | Path | None, profile: str = "full",
         base, inc = parse_scenario(c.scenario)
         columns.setdefault(c.dataset, []).append((len(increments(get_spec(c.dataset).num_classes, base, inc)), j))
     [table] = suite_table(suite, results_dir, None, profile, on_skip)[:1]
-    out: dict[str, list[Series]] = {}
+    out: dict[str, tuple[list[int], list[Series]]] = {}
     for dataset, cols in columns.items():
         cols.sort()
+        lines: list[Series] = []
         for row, line in zip(table.rows, table.cells):
             points = [(n, line[j].get(metric)) for n, j in cols]
             points = [(n, cell) for n, cell in points if cell is not None and cell.mean is not None]
@@ -183,8 +184,9 @@ def scaling_series(suite, results_dir: str | Path | None, profile: str = "full",
             mean = np.array([cell.mean for _, cell in points], float)
             std = np.array([cell.std or 0.0 for _, cell in points], float)
             seeds = min(cell.n for _, cell in points)
-            out.setdefault(dataset, []).append(Series(row.label, tasks, tasks, mean,
-                                                      std if seeds > 1 else None, seeds))
+            lines.append(Series(row.label, tasks, tasks, mean, std if seeds > 1 else None, seeds))
+        if lines:
+            out[dataset] = ([n for n, _ in cols], lines)
     if not out:
         where = f"under {results_dir}" if results_dir else "(no results folder)"
         raise CilbenchError(f"no {profile} runs of {suite.name} {where}: run `cilbench sweep {suite.name}"
@@ -203,17 +205,16 @@ def plot_scaling(suite, results_dir: str | Path | None, output: str | Path, prof
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 2.2, 3.8), layout="constrained",
                              squeeze=False)
-    labels = [s.label for series in panels.values() for s in series]
+    labels = [s.label for _, series in panels.values() for s in series]
     order = list(dict.fromkeys(labels))  # one marker and colour per row across the panels
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (dataset, series) in zip(axes[0], panels.items()):
+    for ax, (dataset, (ticks, series)) in zip(axes[0], panels.items()):
         for s in series:
             k = order.index(s.label)
             (line,) = ax.plot(s.tasks, s.mean, marker=MARKERS[k % len(MARKERS)], color=colours[k % len(colours)],
                               lw=1.8, clip_on=False, label=s.label)
             if s.std is not None:
                 ax.fill_between(s.tasks, s.mean - s.std, s.mean + s.std, color=line.get_color(), alpha=0.15, lw=0)
-        ticks = sorted({int(t) for s in series for t in s.tasks})
         ax.set_xscale("log")
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
