@@ -157,3 +157,11 @@ def test_each_family_trains_with_its_own_pipeline(method, cifar, imagenet):
     assert RunPlan.build(RunOptions(method=method, dataset="cifar100")).transform_preset == cifar
     assert RunPlan.build(RunOptions(method=method, dataset="imagenet100")).transform_preset == imagenet
     assert RunPlan.build(RunOptions(method=method, dataset="cifar100", quick=True)).transform_preset == "quick"
+
+
+def test_a_tiny_cost_keeps_three_significant_digits_in_the_table():
+    from cilbench.results.tables import Cell
+
+    assert Cell(0.0075504, None, 1).text() == "0.00755"  # a smoke model's GFLOPs, not 0.01
+    assert Cell(1.1108, None, 1).text() == "1.11" and Cell(0.0, None, 1).text() == "0.00"
+    assert Cell(-0.012, 0.5, 2).text() == "-0.012 ± 0.50"

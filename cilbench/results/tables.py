@@ -154,12 +154,14 @@ class Cell:
         return None if self.mean is None or self.paper is None else self.mean - self.paper
 
     def text(self) -> str:
-        """``mean ± std``, just ``mean`` for one seed, ``-`` without runs."""
+        """``mean ± std``, just ``mean`` for one seed, ``-`` without runs. Two decimals; a non-zero mean under 0.1
+        (the GFLOPs of a tiny smoke model) keeps three significant digits instead of showing 0.00."""
         if self.mean is None:
             return EMPTY
+        mean = f"{self.mean:.3g}" if 0 < abs(self.mean) < 0.1 else f"{self.mean:.2f}"
         if self.n < 2 or self.std is None:
-            return f"{self.mean:.2f}"
-        return f"{self.mean:.2f} ± {self.std:.2f}"
+            return mean
+        return f"{mean} ± {self.std:.2f}"
 
     def paper_text(self, mark: Callable[[str, int | None], str] = lambda text, rank: text) -> str:
         """``paper 72.43, +0.51`` (``paper 72.43`` without our number); empty without a paper number. ``mark``
