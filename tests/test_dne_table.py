@@ -165,3 +165,29 @@ def test_a_tiny_cost_keeps_three_significant_digits_in_the_table():
     assert Cell(0.0075504, None, 1).text() == "0.00755"  # a smoke model's GFLOPs, not 0.01
     assert Cell(1.1108, None, 1).text() == "1.11" and Cell(0.0, None, 1).text() == "0.00"
     assert Cell(-0.012, 0.5, 2).text() == "-0.012 ± 0.50"
+
+
+def _imagenet100_folder(root: Path, wnids: list[str]) -> Path:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _hub_fixtures import image_folder
+
+    return image_folder(root, {"train": {w: 1 for w in wnids}, "test": {w: 1 for w in wnids}}, size=(8, 8))
+
+
+def test_imagenet100_from_a_folder_takes_the_class_list_and_refuses_other_classes(cli, tmp_path):
+    from cilbench.data.sources import class_list
+    from cilbench.data.store import Store
+
+    wnids = class_list("imagenet100_classes.txt")
+    assert len(wnids) == 100 and wnids[0] == "n01440764" and wnids == sorted(wnids)  # label order = sorted ids
+    good = _imagenet100_folder(tmp_path / "in100", wnids)
+    res = cli("datasets", "prepare", "imagenet100", "--source", str(good), "--cache-dir", str(tmp_path / "c"))
+    assert res.code == 0, res.err
+    store = Store.open(tmp_path / "c" / "imagenet100")
+    assert list(store.class_names) == wnids
+    other = _imagenet100_folder(tmp_path / "other", wnids[:99] + ["n99999999"])
+    res = cli("datasets", "prepare", "imagenet100", "--source", str(other), "--cache-dir", str(tmp_path / "c2"))
+    assert res.code == 2 and len(res.err.strip().splitlines()) == 1
+    assert "1 missing (e.g. n01855672), 1 others (e.g. n99999999)" in res.err

@@ -68,6 +68,9 @@ class DatasetSpec:
     parts: tuple[HubSource, ...] = ()  # a dataset rebuilt from several hub datasets (VTAB), classes concatenated
     builder: str | None = None  # offline datasets made by cilbench: "synthetic" or "digits"
     local_only: str | None = None  # why there is no hub source and where the local folder comes from
+    # resources file of the class folder names a local folder must hold, in label order (``<label> <name>`` lines):
+    # the protocol's class list (ImageNet100's 100 WordNet ids); a folder with others is refused
+    class_list: str | None = None
     split_rule: SplitRule | None = None  # None: the source's official train/test splits
     store_size: int | None = 256  # None: keep the source's native size (all images the same size)
     class_names: tuple[str, ...] | None = None  # when the catalog can hold them; else read from the source
@@ -235,6 +238,7 @@ for _spec in [
                       "EASE) sets shuffle false"),
     DatasetSpec("imagenet100", 100, "ImageNet-100 (DNE / DyTox / PODNet class list)",
                 default_scenario="B50Inc10",
+                class_list="imagenet100_classes.txt",
                 local_only=f"an ImageNet-1k subset with the 100 WordNet ids of imagenet100_classes.txt as "
                            f"{_IMAGEFOLDER} (ImageNet-1k is gated on the hub)",
                 paper_counts=(126689, 5000), templates="imagenet", published_split=True,

@@ -279,6 +279,18 @@ def names_map(file: str) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs}
 
 
+@lru_cache(maxsize=None)
+def class_list(file: str) -> list[str]:
+    """A ``resources/<file>`` class list: ``<label> <name>`` per line (``#`` comments), returned in label order;
+    the labels must run 0 .. K-1."""
+    text = resources.files("cilbench.data").joinpath("resources", file).read_text()
+    pairs = [line.split(None, 1) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    table = {int(k): v.strip() for k, v in pairs}
+    if sorted(table) != list(range(len(table))):
+        raise CilbenchError(f"resources/{file}: labels must run 0 .. {len(table) - 1}")
+    return [table[i] for i in range(len(table))]
+
+
 def map_names(names: list[str], file: str, where: str, what: str) -> list[str]:
     """``names`` through ``names_map(file)``; a name the map lacks ends in one line (``what``: what ``where`` should
     be, for the message)."""
@@ -468,6 +480,15 @@ def imagefolder_source(spec: DatasetSpec, root: Path) -> Source:
     WordNet id)."""
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
     test_classes = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and not p.name.startswith("."))
+    if spec.class_list:  # the protocol's classes, in its label order (not only as many)
+        expected = class_list(spec.class_list)
+        missing, extra = sorted(set(expected) - set(classes)), sorted(set(classes) - set(expected))
+        if missing or extra:
+            raise CilbenchError(f"{root / 'train'} does not hold the {len(expected)} classes of resources/"
+                                f"{spec.class_list}: {len(missing)} missing (e.g. {', '.join(missing[:3]) or '-'}), "
+                                f"{len(extra)} others (e.g. {', '.join(extra[:3]) or '-'}); {spec.name} needs "
+                                f"{spec.local_only}")
+        classes = expected
     if len(classes) != spec.num_classes:
         raise CilbenchError(f"{root / 'train'} has {len(classes)} class folders, the catalog's {spec.name} has "
                             f"{spec.num_classes}; is it the {spec.name} archive?")
