@@ -176,13 +176,15 @@ def _imagenet100_folder(root: Path, wnids: list[str]) -> Path:
     return image_folder(root, {"train": {w: 1 for w in wnids}, "test": {w: 1 for w in wnids}}, size=(8, 8))
 
 
-def test_imagenet100_from_a_folder_takes_the_class_list_and_refuses_other_classes(cli, tmp_path):
+def test_imagenet100_from_a_folder_takes_the_class_list_in_its_order(cli, tmp_path):
+    """A folder with the 100 ids and others (ImageNet-1k) keeps the 100, labelled in the list's order; a folder
+    lacking one of them is refused in one line."""
     from cilbench.data.sources import class_list
     from cilbench.data.store import Store
 
     wnids = class_list("imagenet100_classes.txt")
     assert len(wnids) == 100 and wnids[0] == "n01440764" and wnids == sorted(wnids)  # label order = sorted ids
-    good = _imagenet100_folder(tmp_path / "in100", wnids)
+    good = _imagenet100_folder(tmp_path / "in1k", wnids + ["n00000001", "n99999999"])
     res = cli("datasets", "prepare", "imagenet100", "--source", str(good), "--cache-dir", str(tmp_path / "c"))
     assert res.code == 0, res.err
     store = Store.open(tmp_path / "c" / "imagenet100")
@@ -190,4 +192,4 @@ def test_imagenet100_from_a_folder_takes_the_class_list_and_refuses_other_classe
     other = _imagenet100_folder(tmp_path / "other", wnids[:99] + ["n99999999"])
     res = cli("datasets", "prepare", "imagenet100", "--source", str(other), "--cache-dir", str(tmp_path / "c2"))
     assert res.code == 2 and len(res.err.strip().splitlines()) == 1
-    assert "1 missing (e.g. n01855672), 1 others (e.g. n99999999)" in res.err
+    assert "lacks 1 of the 100 classes of resources/imagenet100_classes.txt (e.g. n01855672)" in res.err

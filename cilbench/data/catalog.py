@@ -69,7 +69,8 @@ class DatasetSpec:
     builder: str | None = None  # offline datasets made by cilbench: "synthetic" or "digits"
     local_only: str | None = None  # why there is no hub source and where the local folder comes from
     # resources file of the class folder names a local folder must hold, in label order (``<label> <name>`` lines):
-    # the protocol's class list (ImageNet100's 100 WordNet ids); a folder with others is refused
+    # the protocol's class list (ImageNet100's 100 WordNet ids); other class folders are left out (a whole
+    # ImageNet-1k tree works), a missing one is refused
     class_list: str | None = None
     split_rule: SplitRule | None = None  # None: the source's official train/test splits
     store_size: int | None = 256  # None: keep the source's native size (all images the same size)
@@ -239,7 +240,7 @@ for _spec in [
     DatasetSpec("imagenet100", 100, "ImageNet-100 (DNE / DyTox / PODNet class list)",
                 default_scenario="B50Inc10",
                 class_list="imagenet100_classes.txt",
-                local_only=f"an ImageNet-1k subset with the 100 WordNet ids of imagenet100_classes.txt as "
+                local_only=f"ImageNet-1k (or its subset of the 100 WordNet ids of imagenet100_classes.txt) as "
                            f"{_IMAGEFOLDER} (ImageNet-1k is gated on the hub)",
                 paper_counts=(126689, 5000), templates="imagenet", published_split=True,
                 split_vs_papers="the folder's split: DNE uses the ImageNet-1k train / val images of these 100 "

@@ -480,15 +480,15 @@ def imagefolder_source(spec: DatasetSpec, root: Path) -> Source:
     WordNet id)."""
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir() and not p.name.startswith("."))
     test_classes = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and not p.name.startswith("."))
-    if spec.class_list:  # the protocol's classes, in its label order (not only as many)
+    ignored = 0
+    if spec.class_list:  # the protocol's classes, in its label order; other class folders (ImageNet-1k) are left out
         expected = class_list(spec.class_list)
-        missing, extra = sorted(set(expected) - set(classes)), sorted(set(classes) - set(expected))
-        if missing or extra:
-            raise CilbenchError(f"{root / 'train'} does not hold the {len(expected)} classes of resources/"
-                                f"{spec.class_list}: {len(missing)} missing (e.g. {', '.join(missing[:3]) or '-'}), "
-                                f"{len(extra)} others (e.g. {', '.join(extra[:3]) or '-'}); {spec.name} needs "
+        if missing := sorted(set(expected) - set(classes)):
+            raise CilbenchError(f"{root / 'train'} lacks {len(missing)} of the {len(expected)} classes of resources/"
+                                f"{spec.class_list} (e.g. {', '.join(missing[:3])}); {spec.name} needs "
                                 f"{spec.local_only}")
-        classes = expected
+        ignored = len(set(classes) - set(expected))
+        classes, test_classes = expected, [c for c in test_classes if c in set(expected)]
     if len(classes) != spec.num_classes:
         raise CilbenchError(f"{root / 'train'} has {len(classes)} class folders, the catalog's {spec.name} has "
                             f"{spec.num_classes}; is it the {spec.name} archive?")
@@ -513,6 +513,8 @@ def imagefolder_source(spec: DatasetSpec, root: Path) -> Source:
             f"folder names of train/, mapped to readable names by resources/{mapping}"
     info = {"kind": "imagefolder", "path": str(root.resolve()), "fingerprint": folder_fingerprint(root),
             "class_names_from": names_from}
+    if spec.class_list:
+        info.update(class_list=f"resources/{spec.class_list}", other_class_folders_left_out=ignored)
     return Source(rows, names, info)
 
 
