@@ -146,7 +146,10 @@ def test_shipped_suites_parse_and_match_the_reference_store():
     for name in names:
         suite = load_suite(name)
         rows = refs[(refs["paper"] == suite.paper) & (refs["table"].astype(str) == suite.table)]
-        assert not rows.empty, f"{name}: no reference rows for {suite.paper} Table {suite.table}"
+        if (refs["paper"] == suite.paper).any():  # a paper without readable tables (HAM) has no rows at all
+            assert not rows.empty, f"{name}: no reference rows for {suite.paper} Table {suite.table}"
+        else:
+            assert suite.paper == "ham", f"{name}: no reference rows for paper {suite.paper}"
         labels = {r.label for r in suite.rows}
         cells = {(c.dataset, c.scenario) for c in suite.columns}
         stray = rows[~rows["paper_label"].isin(labels)]

@@ -33,6 +33,9 @@ _LAZY = {
     "icarl-clip": "cilbench.methods.zscl:ICaRLCLIP",
     "wise-ft": "cilbench.methods.zscl:WiSEFT",
     "zscl": "cilbench.methods.zscl:ZSCL",
+    "ham": "cilbench.methods.ham:HAM",
+    "lora-seq": "cilbench.methods.lora_cl:LoRASeq",
+    "lora-per-task": "cilbench.methods.lora_cl:LoRAPerTask",
 }
 BUILTIN_METHODS = frozenset(_LAZY)  # the published methods: a plugin may never take one of these names
 for _name, _target in _LAZY.items():
