@@ -67,6 +67,12 @@ def evaluate_row(method, scenario, row: int, test: list[TaskData], transform: Im
         seen = torch.tensor(scenario.seen_classes(row), device=device)
         data = TaskData.concat(test[: row + 1])
         which_task = np.concatenate([np.full(len(t), j) for j, t in enumerate(test[: row + 1])])
+        if getattr(method, "eval_order", "store") == "class":
+            # test images sorted by class (PILOT's test sets are built class by class): a method that chooses its
+            # prompts per batch (L2P, DualPrompt) then sees batches of one or two classes, as there
+            order = np.argsort(data.labels, kind="stable")
+            data = TaskData(data.images, data.indices[order], data.labels[order])
+            which_task = which_task[order]
         hits: dict[str, np.ndarray] = {}
         for raw in BatchStream(data, batch_size, device):
             for name, pred in _predict(method, view(raw.images), seen, device).items():

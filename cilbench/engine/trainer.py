@@ -94,14 +94,16 @@ def build_optimizer(groups: list[dict[str, Any]], s: Settings | TrainConfig,
     raise CilbenchError(f"unknown optimizer {s.optimizer!r} (sgd, adamw, adam)")
 
 
-SCHEDULES = ("cosine", "constant", "step")
+SCHEDULES = ("cosine", "constant", "step", "quarter-cosine")
 SCHEDULE_UNITS = ("epoch", "iteration")
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float, steps_per_epoch: int = 1,
               milestones: tuple[int, ...] = (), gamma: float = 0.1) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio``, constant, or step decay
-    (``gamma`` per milestone epoch passed, as torch's MultiStepLR stepped per epoch)."""
+    """Linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio``, constant, step decay (``gamma`` per
+    milestone epoch passed, as torch's MultiStepLR stepped per epoch), or CODA-Prompt's quarter cosine
+    ``cos(99 pi s / (200 (S - 1)))`` over the ``S`` steps after warmup (its ``CosineSchedule``: 1 at the first step,
+    about 0.016 at the last)."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
@@ -109,6 +111,9 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
     if schedule == "step":
         epoch = step // max(1, steps_per_epoch)
         return gamma ** sum(epoch >= m for m in milestones)
+    if schedule == "quarter-cosine":
+        span = max(1, total - warmup - 1)
+        return math.cos(99 * math.pi * min(step - warmup, span) / (200 * span))
     progress = (step - warmup) / max(1, total - warmup)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 

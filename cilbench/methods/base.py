@@ -59,7 +59,7 @@ class TrainConfig:
         "batch_size": (1, None), "eval_batch_size": (1, None), "iterations": (1, None), "first_epochs": (0, None),
         "momentum": (0, 1), "lr_gamma": (0, None), "label_smoothing": (0, 1)}
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "optimizer": ("sgd", "adamw", "adam"), "schedule": ("cosine", "constant", "step"),
+        "optimizer": ("sgd", "adamw", "adam"), "schedule": ("cosine", "constant", "step", "quarter-cosine"),
         "schedule_unit": ("epoch", "iteration")}
     SIGNED: ClassVar[frozenset[str]] = frozenset()
     # string settings that name something outside the method (a prepared store, a file): no fixed choices; each is
