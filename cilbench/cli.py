@@ -184,7 +184,7 @@ def methods_info(name: str, as_json: bool = typer.Option(False, "--json", help="
             "default_backbone": meta.get("backbone"), "summary": meta.get("summary"),
             "doc": (cls.__dict__.get("__doc__") or sys.modules[cls.__module__].__doc__ or "").strip(),
             "defaults": {k: v for k, v in config_defaults(cls).items() if k not in unused},
-            "presets": cls.presets, "quick": cls.quick, "merges_tasks": cls.merges_tasks,
+            "presets": cls.presets, "recipes": cls.recipes, "quick": cls.quick, "merges_tasks": cls.merges_tasks,
             "origin": method_origin(name)}
     if as_json:
         _print_json(info)
@@ -192,9 +192,10 @@ def methods_info(name: str, as_json: bool = typer.Option(False, "--json", help="
     console.print(f"[bold]{name}[/] — {escape(str(info['paper']))}\nfamily: {info['family']}, "
                   f"default backbone: {info['default_backbone']}, origin: {escape(info['origin']['text'])}\n")
     console.print(info["doc"] + "\n", markup=False, highlight=False)
-    table = Table("setting", "default", *sorted(cls.presets), "quick")
+    table = Table("setting", "default", *sorted(cls.presets), *(f"--recipe {r}" for r in cls.recipes), "quick")
     for key, value in info["defaults"].items():
         cells = [repr(cls.presets[d][key]) if key in cls.presets[d] else "" for d in sorted(cls.presets)]
+        cells += [repr(cls.recipes[r][key]) if key in cls.recipes[r] else "" for r in cls.recipes]
         table.add_row(key, escape(repr(value)), *map(escape, cells),
                       escape(repr(cls.quick[key])) if key in cls.quick else "")
     console.print(table)
@@ -441,6 +442,8 @@ def run(
                                         "per seed (mtil-fewshot: 5); the scenario is named ...-Nshot."),
     joint: bool = typer.Option(False, "--joint", help="The method's joint upper bound: its own recipe on one task "
                                "holding every class; the scenario is named ...-joint."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A named bundle of settings the method declares "
+                                         "(e.g. l2p's official): applied as --set values; your --set win."),
     plugin: list[Path] = _plugin_option(),
 ) -> None:
     """Run one method on one benchmark and write a run record.
@@ -454,7 +457,8 @@ def run(
     _user_catalog(cache_dir)
     opts = RunOptions(method=method, dataset=dataset, scenario=scenario, order=order, class_order=class_order,
                       seed=seed, backbone=backbone, weights=weights, sets=parse_sets(set_), out=out, device=device,
-                      resume=resume, quick=quick, cache_dir=cache_dir, tag=tag, shots=shots, joint=joint)
+                      resume=resume, quick=quick, cache_dir=cache_dir, tag=tag, shots=shots, joint=joint,
+                      recipe=recipe)
     runner = Runner(opts, console=console)
     label = " " + escape(f"[{runner.config_label()}]") if runner.config_label() else ""
     console.print(f"[bold]{method}[/]{label} on {dataset} {runner.scenario.name} ({len(runner.scenario.tasks)} "

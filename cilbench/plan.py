@@ -41,6 +41,7 @@ class RunOptions:
     tag: str = ""
     shots: int | None = None  # few-shot: training images per class, drawn once (None: the dataset's own)
     joint: bool = False  # the method's own recipe on one task holding every class (its joint upper bound)
+    recipe: str | None = None  # a named bundle of --set values the method declares (``Method.recipes``)
 
 
 @dataclass
@@ -99,7 +100,10 @@ class RunPlan:
                                 f"starting with a letter or digit")
         method_cls = load_method(opts.method)
         meta = METHODS.metadata(opts.method)
-        cfg, sources = resolve_config(method_cls, opts.dataset, opts.quick, opts.sets)
+        sets = with_recipe(method_cls, opts.method, opts.recipe, opts.sets)
+        cfg, sources = resolve_config(method_cls, opts.dataset, opts.quick, sets)
+        if opts.recipe:
+            sources["recipe"] = opts.recipe
         backbone = opts.backbone or default_backbone(method_cls, opts.dataset)
         spec = BACKBONES.get(backbone)
         if meta.get("backbone_family") and spec.family != meta["backbone_family"]:
@@ -123,11 +127,30 @@ class RunPlan:
         preset = cfg.transform or spec.preset
         if preset not in PRESETS:
             raise CilbenchError(f"unknown transform preset {preset!r} ({', '.join(PRESETS)})")
-        found = overrides(method_cls, opts.dataset, opts.quick, opts.sets, cfg)
+        found = overrides(method_cls, opts.dataset, opts.quick, sets, cfg)
         label = scenario.name + (f"-{opts.class_order}" if opts.class_order else "")
         return cls(opts, method_cls, method_origin(opts.method), cfg, sources, found,
                    config_key(found, weights_sha256), backbone, spec,
                    weights_sha256, scenario, preset, label, opts.tag or ("quick" if opts.quick else ""))
+
+
+def with_recipe(method_cls, method: str, recipe: str | None, sets: dict[str, str]) -> dict[str, str]:
+    """``sets`` on top of the method's named recipe (as ``--set`` text); one line for a recipe it does not have."""
+    if recipe is None:
+        return dict(sets)
+    recipes = getattr(method_cls, "recipes", {})
+    if recipe not in recipes:
+        known = f"its recipes: {', '.join(recipes)}" if recipes else "it has none"
+        raise CilbenchError(f"{method} has no recipe {recipe!r} ({known}; cilbench methods info {method})")
+
+    def text(value) -> str:
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, (list, tuple)):
+            return ",".join(str(v) for v in value)
+        return str(value)
+
+    return {**{k: text(v) for k, v in recipes[recipe].items()}, **sets}
 
 
 def _weights_sha256(opts: RunOptions, spec) -> str | None:

@@ -486,3 +486,22 @@ def test_class_ordered_evaluation_scores_the_same_images():
     # store: the first image of each batch (a 1 and a 3) is wrong; class: the first (a 0: right) and a 2 (wrong)
     assert rows["store"][0].correct == [3, 3] and rows["class"][0].correct == [4, 3]
     del transform
+
+
+def test_official_recipes_are_named_bundles_of_settings_under_the_users_own():
+    from cilbench.errors import CilbenchError
+    from cilbench.plan import RunOptions, RunPlan
+
+    plan = RunPlan.build(RunOptions("l2p", "cifar100", recipe="official", sets={"lr": "0.02"}))
+    cfg = plan.cfg
+    assert (cfg.prompt_length, cfg.top_k, cfg.pull_coeff, cfg.batch_size, cfg.prompt_position) == \
+        (10, 4, 1.0, 128, "none")
+    assert cfg.lr == 0.02  # the user's --set wins over the recipe
+    assert plan.overrides["top_k"] == 4 and plan.config_key  # a configuration of its own, never the default's
+    assert plan.config_sources["recipe"] == "official"
+    dual = RunPlan.build(RunOptions("dualprompt", "imagenet-r", recipe="official-imagenet-r")).cfg
+    assert (dual.e_length, dual.batchwise, dual.epochs, dual.lr) == (20, False, 50, 0.00375)
+    with pytest.raises(CilbenchError, match="coda-prompt has no recipe 'official' \\(it has none"):
+        RunPlan.build(RunOptions("coda-prompt", "cifar100", recipe="official"))
+    with pytest.raises(CilbenchError, match="its recipes: official, official-imagenet-r"):
+        RunPlan.build(RunOptions("dualprompt", "cifar100", recipe="jax"))

@@ -496,6 +496,7 @@ class Runner:
             "run": {"device": opts.device, "cache_dir": str(self.cache), "weights": opts.weights,
                     "weights_sha256": self.weights_sha256, "image_sizes": sorted(data.image_sizes),
                     "merged_tasks": self.method_cls.merges_tasks or opts.joint, "joint": opts.joint,
+                    "recipe": opts.recipe,
                     "tag": opts.tag,
                     "shots": scenario.shots},
             "data": self.data_identity,

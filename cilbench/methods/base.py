@@ -93,6 +93,9 @@ class AdapterConfig(TrainConfig):
 class Method(nn.Module):
     Config: ClassVar[type] = TrainConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # named bundles of settings (an official repository's recipe where the default is another code's): ``--recipe
+    # NAME`` passes them as ``--set`` values (the user's own ``--set`` win), so they show in the run's overrides
+    recipes: ClassVar[dict[str, dict[str, Any]]] = {}
     # the backbone of a dataset whose protocol names another than the method's registered one (the DNE paper's
     # from-scratch baselines: ResNet18 / a 224-px ViT on ImageNet100); ``--backbone`` still wins
     dataset_backbones: ClassVar[dict[str, str]] = {}

@@ -31,15 +31,9 @@ the code departs from the paper, cilbench follows the paper and keeps the code's
 (``cilbench.models.prompt``).
 
 The official JAX configs (google-research/l2p, PROTOCOLS-2 §5.2). CIFAR-100 (``cifar100_dualprompt.py``): the same
-prompts, pull 1.0, Adam lr 0.03 x 192 / 256 = 0.0225 (a global batch of 8 x 24), 5 epochs, ``U(0, 0.01)`` init::
-
-    --set pull_coeff=1.0 --set lr=0.0225 --set batch_size=192 --set eval_batch_size=192 --set prompt_init=jax
-
-ImageNet-R (``imr_dualprompt.py``): E length 20, no batch-wise selection, lr 0.005 x 192 / 256 = 0.00375, 50
-epochs::
-
-    --set e_length=20 --set batchwise=false --set batchwise_test=false --set pull_coeff=1.0 --set lr=0.00375
-    --set epochs=50 --set batch_size=192 --set eval_batch_size=192 --set prompt_init=jax
+prompts, pull 1.0, Adam lr 0.03 x 192 / 256 = 0.0225 (a global batch of 8 x 24), 5 epochs, ``U(0, 0.01)`` init:
+``--recipe official``. ImageNet-R (``imr_dualprompt.py``): E length 20, no batch-wise selection, lr 0.005 x 192 /
+256 = 0.00375, 50 epochs: ``--recipe official-imagenet-r`` (``recipes``).
 
 Not reproduced by a setting: their gradient clipping at norm 1.0 and the per-device (24-image) batch-wise majority.
 """
@@ -86,6 +80,11 @@ class DualPrompt(PromptMethod):
     presets = {"cifar100": dict(epochs=5), "imagenet-r": dict(epochs=10)}  # exps/dualprompt{,_inr}.json
     # smoke profile (no reference), as l2p's: small slow prompts, the head at 0.03 (measured on digits); vit-tiny
     # has 2 blocks: G at block 0, E at block 1
+    recipes = {
+        "official": dict(pull_coeff=1.0, lr=0.0225, batch_size=192, eval_batch_size=192, prompt_init="jax"),
+        "official-imagenet-r": dict(e_length=20, batchwise=False, batchwise_test=False, pull_coeff=1.0, lr=0.00375,
+                                    epochs=50, batch_size=192, eval_batch_size=192, prompt_init="jax"),
+    }
     quick = dict(optimizer="adam", lr=0.03, prompt_lr=1e-3, prompt_init="jax", epochs=10, batch_size=16,
                  eval_batch_size=16, transform="quick", g_layers=(0,), e_layers=(1,))
 

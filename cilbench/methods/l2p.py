@@ -30,10 +30,8 @@ Not as PILOT:
 
 The official JAX code (google-research/l2p ``configs/cifar100_l2p.py``, PROTOCOLS-2 §5.2): length 10, top-4, pull
 1.0, Adam lr 0.03 x 128 / 256 = 0.015 (a global batch of 8 x 16), 5 epochs, constant lr, prompts without position
-embedding in front of CLS, ``U(0, 0.01)`` init, the plain IN21k ``ViT-B_16.npz``::
-
-    --set prompt_length=10 --set top_k=4 --set pull_coeff=1.0 --set lr=0.015 --set batch_size=128
-    --set eval_batch_size=128 --set prompt_position=none --set prompt_init=jax
+embedding in front of CLS, ``U(0, 0.01)`` init, the plain IN21k ``ViT-B_16.npz`` (the default backbone):
+``--recipe official`` (``recipes["official"]``).
 
 It also clips the gradient norm at 1.0 (the trainer has no clipping) and takes the batch-wise majority per device
 (16 images), neither of which a setting reproduces.
@@ -138,6 +136,8 @@ class L2P(PromptMethod):
     # smoke profile (no reference). On the random vit-tiny a prompt token's output is almost only the prompt itself
     # (its attention and MLP updates are small): small U(0, 0.01) prompts that move slowly keep the image in the
     # feature, and the head learns at 0.03 (measured on digits)
+    recipes = {"official": dict(prompt_length=10, top_k=4, pull_coeff=1.0, lr=0.015, batch_size=128,
+                                eval_batch_size=128, prompt_position="none", prompt_init="jax")}
     quick = dict(optimizer="adam", lr=0.03, prompt_lr=1e-3, prompt_init="jax", epochs=10, batch_size=16,
                  eval_batch_size=16, transform="quick", prompt_length=2, top_k=2)
 
