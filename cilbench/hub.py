@@ -1,7 +1,7 @@
 """Reaching the Hugging Face hub without hanging, and telling network failures from real errors.
 
 Hub timeouts default to 10 s (a user's own setting wins). Before a model download, ``ensure_hub_or_offline`` probes
-the endpoint with one short TCP connect; when it cannot be reached the process switches the hub libraries to offline
+the endpoint with one name lookup and one TCP connect, each bounded by a short timeout; when it cannot be reached the process switches the hub libraries to offline
 mode (``HF_HUB_OFFLINE=1``), so what is already in the local cache still loads and anything else fails at once
 instead of retrying for a minute.
 """
@@ -61,11 +61,34 @@ def hub_reachable(endpoint: str | None = None) -> bool:
     url = urlparse(endpoint)
     host = url.hostname or "huggingface.co"
     port = url.port or (443 if url.scheme == "https" else 80)
+    address = _resolve(host, port, PROBE_TIMEOUT_S)
+    if address is None:
+        return False
     try:
-        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+        with socket.create_connection(address, timeout=PROBE_TIMEOUT_S):
             return True
     except OSError:
         return False
+
+
+def _resolve(host: str, port: int, timeout: float) -> tuple[str, int] | None:
+    """The first address of ``host``, or None when the name does not resolve within ``timeout`` seconds: the
+    connect timeout does not bound the name lookup, which can hang on a machine whose resolver is unreachable. The
+    lookup runs on a daemon thread, so a hung lookup never delays the exit either."""
+    import threading
+
+    found: list = []
+
+    def lookup() -> None:
+        try:
+            found.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][:2])
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=lookup, daemon=True, name="cilbench-hub-dns")
+    thread.start()
+    thread.join(timeout)
+    return found[0] if found else None
 
 
 def ensure_hub_or_offline() -> bool:

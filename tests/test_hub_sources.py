@@ -341,3 +341,27 @@ def test_prepared_hub_stores_record_the_split_comparison(tmp_path):
     store = prepare("cars", tmp_path / "cache", source=str(repo), progress=False)
     assert store.manifest["published_split"] is True and "8,144" in store.manifest["split_vs_papers"]
     assert Path(store.root).name == "cars"
+
+
+def test_a_name_lookup_that_hangs_counts_as_an_unreachable_hub(monkeypatch):
+    """The connect timeout does not bound the DNS lookup: a resolver that never answers must not hold the run."""
+    import socket
+    import threading
+
+    from cilbench import hub
+
+    release = threading.Event()
+
+    def hanging(*args, **kwargs):
+        release.wait(30)
+        raise OSError("resolver gave up")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    monkeypatch.setattr(hub, "PROBE_TIMEOUT_S", 0.2)
+    hub.hub_reachable.cache_clear()
+    try:
+        assert hub.hub_reachable("https://hub.invalid") is False
+        assert any(t.name == "cilbench-hub-dns" and t.is_alive() for t in threading.enumerate())  # not waited for
+    finally:
+        release.set()
+        hub.hub_reachable.cache_clear()
