@@ -223,9 +223,12 @@ def plot_scaling(suite, results_dir: str | Path | None, output: str | Path, prof
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%)")
     handles = {h.get_label(): h for ax in axes[0] for h in ax.get_lines()}
-    fig.legend([handles[name] for name in order], order, loc="outside right upper", fontsize=7, title="method",
-               title_fontsize=8)
-    fig.suptitle(suite.title + (f" [{profile}]" if profile != "full" else ""), fontsize=10)
+    # the legend under the panels (never over the lines or the title), the title wrapped to the figure's width
+    fig.legend([handles[name] for name in order], order, loc="outside lower center", fontsize=7,
+               ncol=min(3, len(order)))
+    width = fig.get_size_inches()[0]
+    fig.suptitle(textwrap.fill(suite.title + (f" [{profile}]" if profile != "full" else ""),
+                               max(30, int(width * 72 / (10 * 0.62)))), fontsize=10)
     _save(fig, output)
     return fig
 
