@@ -110,6 +110,48 @@ from cilbench.methods.contract import Batch, StepOutput
 from cilbench.models.dne import DenseMLP
 
 
+@dataclass
+class DyToxRecipe(TrainConfig):
+    """The training recipe DNE shares with DyTox, whose code it is built on (official ``options/model/cifar_*.yaml``
+    + ``main.py`` of both; PROTOCOLS-2 §4.2): AdamW, 500 epochs per task, lr 5e-4 x batch / 512 (``lr`` and ``ft_lr``
+    are the scaled values), weight decay 1e-6, warmup 5 epochs then cosine to 1e-5, drop-path 0.1, BCE on one-hot
+    targets, auto-weighted KD at tau 1, divergence head 0.1, 2,000 exemplars by iCaRL herding, 20 epochs of balanced
+    finetuning. The shape fields left None come from the registered backbone. Both methods' Configs extend it."""
+
+    epochs: int = 500
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    lr: float = 5e-4 * 128 / 512  # the official 5e-4 x batch / 512
+    weight_decay: float = 1e-6
+    schedule: str = "cosine"
+    warmup_epochs: float = 5.0
+    min_lr: float = 1e-5
+    depth: int | None = None  # None: the backbone's (6 = 5 self-attention + 1 class-attention block)
+    patch_size: int | None = None  # None: the backbone's (4 at 32 px; ImageNet100: 16, the paper)
+    img_size: int | None = None  # None: the backbone's input size
+    mlp_ratio: int = 4
+    drop_path: float = 0.1
+    cls_loss: str = "bce"  # bce (official) | ce
+    kd_reduction: str = "batchmean"  # batchmean (the KL per sample) | mean (code)
+    kd_tau: float = 1.0
+    div_weight: float = 0.1
+    memory_size: int = 2000
+    herding_form: str = "icarl"  # icarl (the codes' icarl_all) | pycil
+    ft_epochs: int = 20  # balanced finetuning after each task from the second (0: off)
+    ft_lr: float = 5e-5 * 128 / 512
+
+    LIMITS = {**TrainConfig.LIMITS, "depth": (2, None), "patch_size": (1, None), "img_size": (1, None),
+              "mlp_ratio": (1, None), "drop_path": (0, 1), "kd_tau": (1e-6, None)}
+    CHOICES = {**TrainConfig.CHOICES, "cls_loss": ("bce", "ce"), "kd_reduction": ("batchmean", "mean"),
+               "herding_form": ("icarl", "pycil")}
+
+
+# the smoke profile of both (no reference): Adam, few epochs, small memory, no drop-path, short finetuning
+QUICK_DYTOX = dict(optimizer="adam", lr=2e-3, epochs=16, batch_size=32, schedule="constant", warmup_epochs=0.0,
+                   min_lr=0.0, weight_decay=0.0, transform="quick", memory_size=40, drop_path=0.0, ft_epochs=3,
+                   ft_lr=1e-3)
+
+
 def _trunc(t: torch.Tensor) -> torch.Tensor:
     nn.init.trunc_normal_(t, std=0.02)
     return t
@@ -343,46 +385,19 @@ def _shape_of(backbone) -> dict:
                                                 "divergence head, distillation, memory + balanced finetuning")
 class DNE(Method):
     @dataclass
-    class Config(TrainConfig):
-        epochs: int = 500
-        batch_size: int = 128
-        optimizer: str = "adamw"
-        lr: float = 5e-4 * 128 / 512  # the official 5e-4 x batch / 512
-        weight_decay: float = 1e-6
-        schedule: str = "cosine"
-        warmup_epochs: float = 5.0
-        min_lr: float = 1e-5
+    class Config(DyToxRecipe):
         heads: int = 1  # new 32-wide heads per task after the first (DNE-1head / 2heads / 4heads)
         first_heads: int | None = None  # None: the backbone's (12)
         head_dim: int | None = None  # None: the backbone's (384 / 12 = 32)
-        depth: int | None = None  # None: the backbone's (6 = 5 self-attention + 1 class-attention block)
-        patch_size: int | None = None  # None: the backbone's (4 at 32 px; ImageNet100: 16, the paper)
-        img_size: int | None = None  # None: the backbone's input size
-        mlp_ratio: int = 4
-        drop_path: float = 0.1
         lambda_mode: str = "head"  # head (paper) | module (code)
         ta_norm: bool = True  # paper; False: the code
         second_qk: str = "head"  # head (paper: D) | hidden (code: D')
-        cls_loss: str = "bce"  # bce (official) | ce
-        kd_reduction: str = "batchmean"  # batchmean (paper) | mean (code)
-        kd_tau: float = 1.0
-        div_weight: float = 0.1
-        memory_size: int = 2000
-        herding_form: str = "icarl"  # icarl (DNE's code) | pycil
-        ft_epochs: int = 20  # balanced finetuning after each task from the second (0: off)
-        ft_lr: float = 5e-5 * 128 / 512
 
-        LIMITS = {**TrainConfig.LIMITS, "heads": (1, None), "first_heads": (1, None), "head_dim": (1, None),
-                  "depth": (2, None), "patch_size": (1, None), "img_size": (1, None), "mlp_ratio": (1, None),
-                  "drop_path": (0, 1), "kd_tau": (1e-6, None)}
-        CHOICES = {**TrainConfig.CHOICES, "lambda_mode": ("head", "module"), "second_qk": ("head", "hidden"),
-                   "cls_loss": ("bce", "ce"), "kd_reduction": ("batchmean", "mean"),
-                   "herding_form": ("icarl", "pycil")}
+        LIMITS = {**DyToxRecipe.LIMITS, "heads": (1, None), "first_heads": (1, None), "head_dim": (1, None)}
+        CHOICES = {**DyToxRecipe.CHOICES, "lambda_mode": ("head", "module"), "second_qk": ("head", "hidden")}
 
     # smoke profile (no reference): 2 blocks, 2 first-task heads of 8, Adam, few epochs, small memory
-    quick = dict(optimizer="adam", lr=2e-3, epochs=16, batch_size=32, schedule="constant", warmup_epochs=0.0,
-                 min_lr=0.0, weight_decay=0.0, transform="quick", memory_size=40, first_heads=2, head_dim=8,
-                 depth=2, patch_size=8, drop_path=0.0, ft_epochs=3, ft_lr=1e-3)
+    quick = dict(QUICK_DYTOX, first_heads=2, head_dim=8, depth=2, patch_size=8)
     unused_settings = ("label_smoothing",)
     # the official augmentation (timm create_transform with RandAugment rand-m9-mstd0.5-inc1; timm skips the colour
     # jitter when RandAugment is on): data.augment's "dne-cifar" / "dne-imagenet"

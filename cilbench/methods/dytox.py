@@ -128,9 +128,10 @@ import torch.nn.functional as F
 from cilbench.data.memory import ExemplarMemory
 from cilbench.errors import CilbenchError
 from cilbench.methods.balanced import balanced_phase
-from cilbench.methods.base import Method, TrainConfig, register_method
+from cilbench.methods.base import Method, register_method
 from cilbench.methods.contract import StepOutput
-from cilbench.methods.dne import SliceAttention, _drop_path, _linear, _shape_of, _trunc
+from cilbench.methods.dne import (QUICK_DYTOX, DyToxRecipe, SliceAttention, _drop_path, _linear, _shape_of,
+                                  _trunc)
 from cilbench.models.teacher import Teacher
 
 
@@ -247,43 +248,16 @@ class DyToxNet(nn.Module):
                          "divergence head, auto-weighted distillation, memory + balanced finetuning")
 class DyTox(Method):
     @dataclass
-    class Config(TrainConfig):
-        epochs: int = 500
-        batch_size: int = 128
-        optimizer: str = "adamw"
-        lr: float = 5e-4 * 128 / 512  # the official 5e-4 x batch / 512
-        weight_decay: float = 1e-6
-        schedule: str = "cosine"
-        warmup_epochs: float = 5.0
-        min_lr: float = 1e-5
+    class Config(DyToxRecipe):
         embed_dim: int | None = None  # None: the backbone's (384)
         num_heads: int | None = None  # None: the backbone's (12)
-        depth: int | None = None  # None: the backbone's (6 = 5 SABs + 1 TAB)
-        patch_size: int | None = None  # None: the backbone's (4 at 32 px; ImageNet100: 16)
-        img_size: int | None = None  # None: the backbone's input size
-        mlp_ratio: int = 4
-        drop_path: float = 0.1
         qkv_bias: bool = False  # ConViT's default in the code
-        cls_loss: str = "bce"  # bce (code, paper fig. 2) | ce
-        kd_reduction: str = "batchmean"  # batchmean (per-sample KL, as our DNE) | mean (code)
-        kd_tau: float = 1.0
-        div_weight: float = 0.1
-        memory_size: int = 2000
-        herding_form: str = "icarl"  # icarl (DyTox's code) | pycil
-        ft_epochs: int = 20  # balanced finetuning after each task from the second (0: off)
-        ft_lr: float = 5e-5 * 128 / 512
         joint_ft: bool = True  # also finetune a one-task (joint) run, as main.py does
 
-        LIMITS = {**TrainConfig.LIMITS, "embed_dim": (1, None), "num_heads": (1, None), "depth": (2, None),
-                  "patch_size": (1, None), "img_size": (1, None), "mlp_ratio": (1, None), "drop_path": (0, 1),
-                  "kd_tau": (1e-6, None)}
-        CHOICES = {**TrainConfig.CHOICES, "cls_loss": ("bce", "ce"), "kd_reduction": ("batchmean", "mean"),
-                   "herding_form": ("icarl", "pycil")}
+        LIMITS = {**DyToxRecipe.LIMITS, "embed_dim": (1, None), "num_heads": (1, None)}
 
     # smoke profile (no reference): the tiny backbone's shape, Adam, few epochs, small memory
-    quick = dict(optimizer="adam", lr=2e-3, epochs=16, batch_size=32, schedule="constant", warmup_epochs=0.0,
-                 min_lr=0.0, weight_decay=0.0, transform="quick", memory_size=40, drop_path=0.0, ft_epochs=3,
-                 ft_lr=1e-3)
+    quick = dict(QUICK_DYTOX)
     unused_settings = ("label_smoothing",)
     # the official augmentation (timm create_transform with RandAugment rand-m9-mstd0.5-inc1; timm skips the colour
     # jitter when RandAugment is on): data.augment's "dne-cifar" / "dne-imagenet"
