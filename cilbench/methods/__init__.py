@@ -39,6 +39,7 @@ _LAZY = {
     "ham": "cilbench.methods.ham:HAM",
     "lora-seq": "cilbench.methods.lora_cl:LoRASeq",
     "lora-per-task": "cilbench.methods.lora_cl:LoRAPerTask",
+    "inflora": "cilbench.methods.inflora:InfLoRA",
 }
 BUILTIN_METHODS = frozenset(_LAZY)  # the published methods: a plugin may never take one of these names
 for _name, _target in _LAZY.items():

@@ -45,7 +45,7 @@ default; the author's ``lora-merge`` used ``qkv`` only: ``--set targets=qkv``). 
 20 epochs per task, cosine per epoch, no weight decay: a LoRA PTM-CIL recipe on the same backbone, InfLoRA's as
 LibContinual runs it (``RL-VIG/LibContinual`` ``config/InfLoRA_opt-vit-cifar100-b10-10-10.yaml``, commit 35108fa:
 ViT-B/16 IN21k, Adam 5e-4, weight decay 0, batch 128, 20 epochs, cosine), not HAM's. ``scale_lr`` (None: ``lr``)
-sets the rate of the importance and group scales. InfLoRA is not implemented (left out by the issue).
+sets the rate of the importance and group scales. InfLoRA, the third LoRA baseline, is ``methods/inflora.py``.
 """
 
 from __future__ import annotations

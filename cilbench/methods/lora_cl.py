@@ -15,7 +15,7 @@ task's classes (PILOT's ``finetune`` loss scope), so the three differ only in wh
   whatever the task count, and its features do not drift; the per-adapter rule costs T forwards and compares
   confidences of heads never trained against each other. The prototypes are a choice of ours, as is the -1e9.
 
-InfLoRA (interference-free LoRA) is left out, as the issue asks.
+InfLoRA (interference-free LoRA, constant memory like HAM) is ``methods/inflora.py``.
 """
 
 from __future__ import annotations
