@@ -680,13 +680,30 @@ def sweep_cmd(
     restart: bool = typer.Option(False, "--restart", help="Start unfinished runs over instead of resuming their "
                                  "checkpoints (e.g. one that cannot be resumed)."),
     plugin: list[Path] = _plugin_option(),
+    executor: str = typer.Option("local", "--executor", help="local (one run after another here) or slurm (one "
+                                 "SLURM job array, a task per missing run, through submitit)."),
+    status: bool = typer.Option(False, "--status", help="Only show each run's state (done, missing; with --executor "
+                                "slurm also queued, running, failed with its error)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="slurm: resubmit exactly the failed runs."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="slurm: the partition."),
+    gpus_per_job: int = typer.Option(1, "--gpus-per-job", help="slurm: GPUs per run (--gres=gpu:N; 0: none)."),
+    cpus: Optional[int] = typer.Option(None, "--cpus", help="slurm: CPUs per run (--cpus-per-task)."),
+    mem: Optional[str] = typer.Option(None, "--mem", help="slurm: memory per run, e.g. 64G."),
+    time_min: int = typer.Option(240, "--time", help="slurm: time limit per job in minutes (a run that needs "
+                                 "longer is requeued and resumes)."),
+    array_parallelism: int = typer.Option(256, "--array-parallelism", help="slurm: most runs at once."),
+    account: Optional[str] = typer.Option(None, "--account", help="slurm: the account to charge."),
+    qos: Optional[str] = typer.Option(None, "--qos", help="slurm: the quality of service."),
 ) -> None:
     """Run every run of a paper table's suite whose record is missing, one after another on this machine.
 
     Existing records are skipped, an interrupted run resumes. Exit 1 when a run failed. The suites:
-    [bold]cilbench sweep --list[/].
+    [bold]cilbench sweep --list[/]. With [bold]--executor slurm[/] the missing runs are submitted as one SLURM job
+    array instead (records land in --results as jobs end); [bold]--status[/] shows where each run stands and
+    [bold]--retry-failed[/] resubmits the failed ones.
 
-    Example: [bold]cilbench sweep mos-table1 --dry-run[/]  or  [bold]cilbench sweep cicae-table4[/]
+    Example: [bold]cilbench sweep mos-table1 --dry-run[/]  or  [bold]cilbench sweep cicae-table4[/]  or
+    [bold]cilbench sweep mos-table1 --executor slurm --partition gpu --mem 64G[/]
     """
     from cilbench.suites import list_suites, load_suite, sweep
 
@@ -698,6 +715,19 @@ def sweep_cmd(
             table.add_row(name, escape(s.title), f"{len(s.rows)} x {len(s.columns)}", str(len(s.runs())))
         console.print(table)
         return
+    if executor not in ("local", "slurm"):
+        raise CilbenchError(f"unknown executor {executor!r} (local or slurm)")
+    if executor == "slurm" or status or retry_failed:
+        from cilbench.cluster import SlurmResources
+
+        _sweep_cluster(load_suite(suite), results, quick, device, cache_dir, dry_run, restart, plugin, executor,
+                       status, retry_failed, SlurmResources(partition, gpus_per_job, cpus, mem, time_min,
+                                                            array_parallelism, account, qos))
+        return
+    for flag, value in (("--partition", partition), ("--cpus", cpus), ("--mem", mem), ("--account", account),
+                        ("--qos", qos)):
+        if value is not None:
+            raise CilbenchError(f"{flag} applies to --executor slurm only; drop it to run here")
     s = load_suite(suite)
     console.print(f"[bold]{escape(s.title)}[/]: {len(s.runs())} runs" + (" [yellow](quick)[/]" if quick else ""))
     try:
@@ -712,6 +742,53 @@ def sweep_cmd(
     console.print(f"{counts['done']} already done, {counts['ran']} ran, {counts['failed']} failed"
                   + (f", {counts['planned']} to run" if dry_run else ""))
     if counts["failed"]:
+        raise typer.Exit(1)
+
+
+def _sweep_cluster(s, results: Path, quick: bool, device: str, cache_dir: Optional[Path], dry_run: bool,
+                   restart: bool, plugin: list[Path], executor: str, status: bool, retry_failed: bool,
+                   resources) -> None:
+    """``sweep --executor slurm`` (submit the missing runs as one job array), ``--status`` and ``--retry-failed``."""
+    from cilbench import cluster
+
+    if retry_failed and executor != "slurm":
+        raise CilbenchError("--retry-failed resubmits failed SLURM jobs: add --executor slurm (a local sweep "
+                            "retries a failed run when run again)")
+    if status and retry_failed:
+        raise CilbenchError("--status only shows the runs; run --retry-failed without it")
+    resources.check()
+    if executor == "slurm":
+        cluster.check_slurm()
+    folder = cluster.jobs_folder(results, s.name)
+    console.print(f"[bold]{escape(s.title)}[/]: {len(s.runs())} runs" + (" [yellow](quick)[/]" if quick else ""))
+    states = cluster.plan(s, results, quick, device, cache_dir)
+    if executor == "slurm":
+        states = cluster.job_states(folder, states)
+    elif status and (folder / cluster.INDEX_NAME).is_file():
+        console.print("[yellow]runs of this suite were submitted to SLURM[/]: see their jobs with --status "
+                      "--executor slurm", soft_wrap=True)
+    if not status:
+        wanted = "failed" if retry_failed else "missing"
+        todo = [st for st in states if st.state == wanted and st.opts is not None]
+        if dry_run:
+            for st in todo:
+                console.print(f"would submit {escape(st.where())} -> {st.record}", soft_wrap=True)
+            console.print(f"{len(todo)} to submit")
+            return
+        if todo:
+            files = tuple(str(Path(p).resolve()) for p in plugin)
+            done = cluster.submit(s, todo, folder, resources, restart, files)
+            array = done[0].job_id.split("_")[0]
+            console.print(f"submitted job array {array}: {len(done)} runs; jobs' files in {folder}; see them with: "
+                          f"cilbench sweep {shlex.quote(str(s.path))} --results {shlex.quote(str(results))} "
+                          f"--status --executor slurm" + (" --quick" if quick else ""), soft_wrap=True, markup=False)
+        else:
+            console.print(f"nothing to {'resubmit' if retry_failed else 'submit'}")
+    for line in cluster.status_lines(states, escape):
+        console.print(line, soft_wrap=True, highlight=False)  # one line a run: grep-able
+    failed = [st for st in states if st.state == "failed"]
+    if failed and not status:
+        console.print(f"[red]{len(failed)} failed[/]: resubmit them with --retry-failed", soft_wrap=True)
         raise typer.Exit(1)
 
 
