@@ -193,3 +193,10 @@ def test_imagenet100_from_a_folder_takes_the_class_list_in_its_order(cli, tmp_pa
     res = cli("datasets", "prepare", "imagenet100", "--source", str(other), "--cache-dir", str(tmp_path / "c2"))
     assert res.code == 2 and len(res.err.strip().splitlines()) == 1
     assert "lacks 1 of the 100 classes of resources/imagenet100_classes.txt (e.g. n01855672)" in res.err
+
+
+def test_a_memory_too_small_for_the_classes_seen_is_said(cli, tmp_path):
+    res = cli("run", "der", "--dataset", "synthetic", "--scenario", "B0Inc10", "--quick", "--set", "memory_size=8",
+              "--set", "epochs=1", "--set", "ft_epochs=1", "--out", str(tmp_path / "r"))
+    assert res.code == 0, res.err
+    assert "the exemplar memory keeps 0 images per class of the 10 classes seen" in " ".join(res.out.split())

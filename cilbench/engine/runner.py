@@ -411,6 +411,10 @@ class Runner:
                                 if stats.seconds > 0 else 0.0,
                                 skipped_steps=stats.skipped_steps, final_loss=stats.final_loss))
             log.append(ctx.record())
+            if ctx.logged.get("per_class") == 0 and t < n - 1:  # a memory too small for the classes seen so far
+                self._say(f"[yellow]warning[/]: after {task.name} the exemplar memory keeps 0 images per class of "
+                          f"the {len(seen)} classes seen, so old classes get no exemplars; give it more room "
+                          f"(--set memory_size=...)")
             self._report_task(task, row, matrix, data)
             self.checkpoint.save(dict(fingerprint=self.fingerprint(), next_task=t + 1, matrix=matrix,
                                       timings=timings, views=views, logged={"tasks": log}, started_at=started),
