@@ -158,7 +158,7 @@ def test_loss_weighting_on_a_hand_example(reduction):
     div = torch.tensor([[0.3, -0.2, 0.1], [1.0, 0.0, -1.0], [0.0, 0.5, 0.5]])
     labels = torch.tensor([2, 1, 3])
     method.head_logits = lambda tokens: logits  # the loss alone, on given logits
-    terms = method.losses([[torch.zeros(3, 1)]], labels, 1, teacher, div)
+    terms = method.tab_losses([[torch.zeros(3, 1)]], labels, 1, teacher, div)
     lam = 2 / 4  # old classes / seen classes
     onehot = F.one_hot(labels, 4).float()
     bce = -(onehot * F.logsigmoid(logits) + (1 - onehot) * F.logsigmoid(-logits)).mean()
@@ -170,5 +170,5 @@ def test_loss_weighting_on_a_hand_example(reduction):
     torch.testing.assert_close(terms["cls"], (1 - lam) * bce)
     torch.testing.assert_close(terms["kd"], lam * kl)
     torch.testing.assert_close(terms["div"], 0.1 * div_bce)
-    first = method.losses([[torch.zeros(3, 1)]], torch.tensor([0, 1, 0]), 0, None, None)
+    first = method.tab_losses([[torch.zeros(3, 1)]], torch.tensor([0, 1, 0]), 0, None, None)
     assert set(first) == {"cls"}  # no teacher on the first task: the classification loss alone, unweighted

@@ -107,6 +107,7 @@ from cilbench.errors import CilbenchError
 from cilbench.methods.balanced import balanced_phase
 from cilbench.methods.base import Method, TrainConfig, register_method
 from cilbench.methods.contract import Batch, StepOutput
+from cilbench.methods.der import aux_targets
 from cilbench.models.dne import DenseMLP
 
 
@@ -150,6 +151,54 @@ class DyToxRecipe(TrainConfig):
 QUICK_DYTOX = dict(optimizer="adam", lr=2e-3, epochs=16, batch_size=32, schedule="constant", warmup_epochs=0.0,
                    min_lr=0.0, weight_decay=0.0, transform="quick", memory_size=40, drop_path=0.0, ft_epochs=3,
                    ft_lr=1e-3)
+
+
+class DyToxLoss:
+    """The loss DNE shares with DyTox's code (``bce_loss``, ``auto_kd``, ``head_div``; PROTOCOLS-2 §4.2), for a
+    method with ``cfg`` (a ``DyToxRecipe``) and ``_task_classes`` (each task's classes, ascending, in task order):
+    ``(1 - lam) * cls + lam * tau^2 KL(teacher || student) + div_weight * cls_div`` with ``lam`` = old / seen
+    classes."""
+
+    cfg: DyToxRecipe
+    _task_classes: list[list[int]]
+
+    def _class_pos(self, classes: torch.Tensor) -> torch.Tensor:
+        """Columns of global class ids in the concatenated logits (task order, each task's classes ascending)."""
+        order = torch.tensor([c for cs in self._task_classes for c in cs], device=classes.device)
+        table = torch.full((int(order.max()) + 1,), -1, dtype=torch.long, device=classes.device)
+        table[order] = torch.arange(len(order), device=classes.device)
+        return table[classes]  # on the device, no host sync per step (-1 / out of range: not a seen class)
+
+    def _cls(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.cfg.cls_loss == "ce":
+            return F.cross_entropy(logits, targets)
+        return F.binary_cross_entropy_with_logits(logits, F.one_hot(targets, logits.shape[1]).to(logits.dtype))
+
+    def kd(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """``tau^2 KL(softmax(teacher / tau) || softmax(student / tau))``, per sample then the batch mean, or the
+        code's mean over batch x classes (``kd_reduction="mean"``)."""
+        tau = self.cfg.kd_tau
+        kl = F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1),
+                      reduction="batchmean", log_target=True)
+        if self.cfg.kd_reduction == "mean":  # torch's 'mean': over batch x classes
+            kl = kl / student.shape[1]
+        return kl * tau ** 2
+
+    def losses(self, logits: torch.Tensor, labels: torch.Tensor, task_index: int, teacher: torch.Tensor | None = None,
+               div_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The terms on the logits of every seen class (task order): ``cls``; with a teacher (its old-class logits)
+        ``(1 - lam) cls`` and ``lam kd``; with the divergence head's logits ``div`` (every old class folded into
+        output 0, DER's auxiliary targets)."""
+        cls = self._cls(logits, self._class_pos(labels))
+        out = {"cls": cls}
+        if teacher is not None:
+            n_old = teacher.shape[1]
+            lam = n_old / logits.shape[1]
+            out = {"cls": (1 - lam) * cls, "kd": lam * self.kd(logits[:, :n_old], teacher.float())}
+        if div_logits is not None:
+            div_targets = aux_targets(labels, self._task_classes[task_index])
+            out["div"] = self.cfg.div_weight * self._cls(div_logits.float(), div_targets)
+        return out
 
 
 def _trunc(t: torch.Tensor) -> torch.Tensor:
@@ -383,7 +432,7 @@ def _shape_of(backbone) -> dict:
                  backbone_family="vit", summary="dense network expansion: a small ViT expert per task whose task "
                                                 "attention block reads every old expert, task tokens and heads, "
                                                 "divergence head, distillation, memory + balanced finetuning")
-class DNE(Method):
+class DNE(DyToxLoss, Method):
     @dataclass
     class Config(DyToxRecipe):
         heads: int = 1  # new 32-wide heads per task after the first (DNE-1head / 2heads / 4heads)
@@ -443,11 +492,6 @@ class DNE(Method):
         """Logits over the classes of tasks ``0..len(tokens)-1`` (task order = ascending global ids)."""
         return torch.cat([self.heads[j](tok) for j, tok in enumerate(tokens)], dim=1)
 
-    def _class_pos(self, classes: torch.Tensor) -> torch.Tensor:
-        order = [c for cs in self._task_classes for c in cs]
-        index = {c: i for i, c in enumerate(order)}
-        return torch.tensor([index[int(c)] for c in classes.tolist()], device=classes.device)
-
     def logits(self, images, classes):
         return self.head_logits(self.net(images))[:, self._class_pos(classes)]
 
@@ -461,38 +505,10 @@ class DNE(Method):
     def param_groups(self, task):
         return [dict(params=[p for p in self.parameters() if p.requires_grad])]
 
-    def _cls(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.cfg.cls_loss == "ce":
-            return F.cross_entropy(logits, targets)
-        return F.binary_cross_entropy_with_logits(logits, F.one_hot(targets, logits.shape[1]).to(logits.dtype))
-
-    def kd(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """``tau^2 KL(softmax(teacher / tau) || softmax(student / tau))`` (``kd_reduction``: per sample then batch
-        mean, or the code's mean over batch x classes)."""
-        tau = self.cfg.kd_tau
-        kl = F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1),
-                      reduction="batchmean", log_target=True)
-        if self.cfg.kd_reduction == "mean":  # torch's 'mean': over batch x classes
-            kl = kl / student.shape[1]
-        return kl * tau ** 2
-
-    def losses(self, tokens, labels: torch.Tensor, task_index: int, teacher: torch.Tensor | None,
-               div_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        seen = torch.tensor(self.scenario.seen_classes(task_index), device=labels.device)
-        logits = self.head_logits(tokens).float()
-        batch = Batch(tokens[0][0], labels, None)
-        cls = self._cls(logits, batch.targets(seen))
-        if teacher is None:
-            return {"cls": cls}
-        n_old = teacher.shape[1]
-        lam = n_old / logits.shape[1]
-        out = {"cls": (1 - lam) * cls, "kd": lam * self.kd(logits[:, :n_old], teacher.float())}
-        if div_logits is not None:
-            new = torch.tensor(self._task_classes[task_index], device=labels.device)
-            pos = torch.searchsorted(new, labels).clamp(max=len(new) - 1)
-            div_targets = torch.where(new[pos] == labels, pos + 1, torch.zeros_like(labels))
-            out["div"] = self.cfg.div_weight * self._cls(div_logits.float(), div_targets)
-        return out
+    def tab_losses(self, tokens, labels: torch.Tensor, task_index: int, teacher: torch.Tensor | None,
+                   div_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``losses`` on the heads' logits of the task tokens."""
+        return self.losses(self.head_logits(tokens).float(), labels, task_index, teacher, div_logits)
 
     def previous_logits(self, images: torch.Tensor, n: int) -> torch.Tensor:
         """The network task ``n - 1`` left: experts, token parts and head columns of tasks < n (all frozen)."""
@@ -505,11 +521,11 @@ class DNE(Method):
         tokens = self.net(batch.images)
         teacher = self.previous_logits(batch.images, t) if t > 0 else None
         div = self.div(tokens[-1]) if t > 0 and self.cfg.div_weight > 0 else None
-        terms = self.losses(tokens, batch.labels, t, teacher, div)
+        terms = self.tab_losses(tokens, batch.labels, t, teacher, div)
         return StepOutput(sum(terms.values()), terms)
 
     def _finetune_step(self, batch: Batch):
-        terms = self.losses(self.net(batch.images), batch.labels, batch.task.index, None, None)
+        terms = self.tab_losses(self.net(batch.images), batch.labels, batch.task.index, None, None)
         return StepOutput(terms["cls"], terms)
 
     def after_task(self, task, ctx):

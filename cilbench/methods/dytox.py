@@ -123,15 +123,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from cilbench.data.memory import ExemplarMemory
 from cilbench.errors import CilbenchError
 from cilbench.methods.balanced import balanced_phase
 from cilbench.methods.base import Method, register_method
 from cilbench.methods.contract import StepOutput
-from cilbench.methods.dne import (QUICK_DYTOX, DyToxRecipe, SliceAttention, _drop_path, _linear, _shape_of,
-                                  _trunc)
+from cilbench.methods.dne import (QUICK_DYTOX, DyToxLoss, DyToxRecipe, SliceAttention, _drop_path, _linear,
+                                  _shape_of, _trunc)
 from cilbench.models.teacher import Teacher
 
 
@@ -246,7 +245,7 @@ class DyToxNet(nn.Module):
                  backbone="vit-scratch-cifar", backbone_family="vit",
                  summary="shared ViT encoder and task-attention decoder, one task token and head per task, "
                          "divergence head, auto-weighted distillation, memory + balanced finetuning")
-class DyTox(Method):
+class DyTox(DyToxLoss, Method):
     @dataclass
     class Config(DyToxRecipe):
         embed_dim: int | None = None  # None: the backbone's (384)
@@ -307,13 +306,6 @@ class DyTox(Method):
         self.teacher = Teacher.snapshot(self.net) if task.index > 0 else None
 
     # ---- forward ----
-    def _class_pos(self, classes: torch.Tensor) -> torch.Tensor:
-        """Columns of global class ids in the concatenated logits (task order, each task's classes ascending)."""
-        order = torch.tensor([c for cs in self._task_classes for c in cs], device=classes.device)
-        table = torch.full((int(order.max()) + 1,), -1, dtype=torch.long, device=classes.device)
-        table[order] = torch.arange(len(order), device=classes.device)
-        return table[classes]  # on the device, no host sync per step (-1 / out of range: not a seen class)
-
     def logits(self, images, classes):
         return self.net.classify(self.net(images))[:, self._class_pos(classes)]
 
@@ -327,38 +319,6 @@ class DyTox(Method):
 
     def param_groups(self, task):
         return [dict(params=[p for p in self.parameters() if p.requires_grad])]
-
-    def _cls(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.cfg.cls_loss == "ce":
-            return F.cross_entropy(logits, targets)
-        return F.binary_cross_entropy_with_logits(logits, F.one_hot(targets, logits.shape[1]).to(logits.dtype))
-
-    def kd(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        """``tau^2 KL(softmax(teacher / tau) || softmax(student / tau))``, per sample then the batch mean, or the
-        code's mean over batch x classes (``kd_reduction="mean"``)."""
-        tau = self.cfg.kd_tau
-        kl = F.kl_div(F.log_softmax(student / tau, dim=1), F.log_softmax(teacher / tau, dim=1),
-                      reduction="batchmean", log_target=True)
-        if self.cfg.kd_reduction == "mean":
-            kl = kl / student.shape[1]
-        return kl * tau ** 2
-
-    def losses(self, logits: torch.Tensor, labels: torch.Tensor, task_index: int, teacher: torch.Tensor | None = None,
-               div_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The loss terms on the logits of every seen class (task order): BCE, then with a teacher ``(1 - lam)``
-        BCE + ``lam`` KD (``lam`` = old / seen classes), and the divergence term when its logits are given."""
-        cls = self._cls(logits, self._class_pos(labels))
-        out = {"cls": cls}
-        if teacher is not None:
-            n_old = teacher.shape[1]
-            lam = n_old / logits.shape[1]
-            out = {"cls": (1 - lam) * cls, "kd": lam * self.kd(logits[:, :n_old], teacher.float())}
-        if div_logits is not None:
-            new = torch.tensor(self._task_classes[task_index], device=labels.device)
-            pos = torch.searchsorted(new, labels).clamp(max=len(new) - 1)
-            div_targets = torch.where(new[pos] == labels, pos + 1, torch.zeros_like(labels))
-            out["div"] = self.cfg.div_weight * self._cls(div_logits.float(), div_targets)
-        return out
 
     def training_step(self, batch):
         t = batch.task.index
