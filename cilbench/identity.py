@@ -29,6 +29,13 @@ def overrides(method_cls: type, dataset: str, quick: bool, sets: dict[str, str],
     return {k: v for k, v in effective.items() if base.get(k) != v}
 
 
+def set_text(value: Any) -> str:
+    """A setting's value as ``--set`` text, as suites and recipes pass them: lists comma-separated."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
 def config_key(overrides: dict[str, Any], weights_sha256: str | None = None) -> str:
     """``""`` for the default configuration with hub weights, else 8 hex digits naming overrides + weights."""
     if not overrides and not weights_sha256:

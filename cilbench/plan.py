@@ -142,15 +142,9 @@ def with_recipe(method_cls, method: str, recipe: str | None, sets: dict[str, str
     if recipe not in recipes:
         known = f"its recipes: {', '.join(recipes)}" if recipes else "it has none"
         raise CilbenchError(f"{method} has no recipe {recipe!r} ({known}; cilbench methods info {method})")
+    from cilbench.identity import set_text
 
-    def text(value) -> str:
-        if isinstance(value, bool):
-            return str(value).lower()
-        if isinstance(value, (list, tuple)):
-            return ",".join(str(v) for v in value)
-        return str(value)
-
-    return {**{k: text(v) for k, v in recipes[recipe].items()}, **sets}
+    return {**{k: set_text(v) for k, v in recipes[recipe].items()}, **sets}
 
 
 def _weights_sha256(opts: RunOptions, spec) -> str | None:

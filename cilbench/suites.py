@@ -34,6 +34,7 @@ import yaml
 from rich.markup import escape
 
 from cilbench.errors import CilbenchError
+from cilbench.identity import set_text
 
 SUITE_KEYS = {"title", "paper", "table", "backbone", "seeds", "metrics", "columns", "rows", "notes", "blocks"}
 ROW_KEYS = {"label", "method", "sets", "datasets", "sweep", "backbone", "joint", "joint_row"}
@@ -240,12 +241,6 @@ def parse_suite(doc: Any, path: Path) -> Suite:
                  _metrics(doc.get("metrics"), where), str(doc.get("notes") or ""), blocks)
 
 
-def _set_text(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
-    return str(value)
-
-
 def run_options(suite: Suite, row: SuiteRow, col: SuiteColumn, seed: int, out: Path, quick: bool = False,
                 device: str = "auto", cache_dir: Path | None = None):
     from cilbench.engine.runner import RunOptions
@@ -254,7 +249,7 @@ def run_options(suite: Suite, row: SuiteRow, col: SuiteColumn, seed: int, out: P
     return RunOptions(method=row.method, dataset=col.dataset, scenario=None if mtil else col.scenario,
                       order=col.order if mtil else None, class_order=col.class_order, seed=seed,
                       backbone=row.backbone or suite.backbone,
-                      sets={k: _set_text(v) for k, v in row.sets.items()}, out=out, device=device, quick=quick,
+                      sets={k: set_text(v) for k, v in row.sets.items()}, out=out, device=device, quick=quick,
                       cache_dir=cache_dir, joint=row.joint)
 
 
@@ -317,4 +312,4 @@ def sweep(suite: Suite, out: Path, quick: bool = False, device: str = "auto", ca
 
 
 def _sets_label(sets: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={_set_text(v)}" for k, v in sorted(sets.items()))
+    return ", ".join(f"{k}={set_text(v)}" for k, v in sorted(sets.items()))

@@ -555,14 +555,14 @@ def suite_table(suite, results_dir: str | Path | None, references: pd.DataFrame 
 def _suite_config_keys(suite, quick: bool) -> tuple[dict[tuple[str, str], str | None], list[str]]:
     """The ``config_key`` of each (row label, dataset) a suite row's runs carry, and the notes saying which runs a
     row with ``sets`` holds. A row whose ``sets`` do not resolve (an unknown setting) gets None: no runs."""
-    from cilbench.identity import describe, expected_config_key
+    from cilbench.identity import describe, expected_config_key, set_text
 
     keys: dict[tuple[str, str], str | None] = {}
     notes: list[str] = []
     for row in suite.rows:
         if not row.method:
             continue
-        sets = {k: _set_text(v) for k, v in row.sets.items()}
+        sets = {k: set_text(v) for k, v in row.sets.items()}
         problem = ""
         for dataset in dict.fromkeys(c.dataset for c in suite.columns):
             try:
@@ -575,12 +575,6 @@ def _suite_config_keys(suite, quick: bool) -> tuple[dict[tuple[str, str], str | 
             notes.append(f"{row.label}: our runs of {row.method} with {describe(row.sets)}")
     return keys, notes
 
-
-def _set_text(value: Any) -> str:
-    """A suite's ``sets`` value as ``--set`` text (as the sweep passes it: lists comma-separated)."""
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
-    return str(value)
 
 
 def _suite_row(r, suite, profile: str) -> TableRow:
