@@ -444,6 +444,9 @@ def run(
                                "holding every class; the scenario is named ...-joint."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A named bundle of settings the method declares "
                                          "(e.g. l2p's official): applied as --set values; your --set win."),
+    feature_cache: bool = typer.Option(True, "--feature-cache/--no-feature-cache", help="Encode each image once "
+                                       "per state of a method's frozen encoder (SimpleCIL, APER, RanPAC), kept in "
+                                       "<cache>/features for later runs; --no-feature-cache re-encodes every time."),
     plugin: list[Path] = _plugin_option(),
 ) -> None:
     """Run one method on one benchmark and write a run record.
@@ -458,7 +461,7 @@ def run(
     opts = RunOptions(method=method, dataset=dataset, scenario=scenario, order=order, class_order=class_order,
                       seed=seed, backbone=backbone, weights=weights, sets=parse_sets(set_), out=out, device=device,
                       resume=resume, quick=quick, cache_dir=cache_dir, tag=tag, shots=shots, joint=joint,
-                      recipe=recipe)
+                      recipe=recipe, feature_cache=feature_cache)
     runner = Runner(opts, console=console)
     label = " " + escape(f"[{runner.config_label()}]") if runner.config_label() else ""
     console.print(f"[bold]{method}[/]{label} on {dataset} {runner.scenario.name} ({len(runner.scenario.tasks)} "

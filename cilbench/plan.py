@@ -42,6 +42,7 @@ class RunOptions:
     shots: int | None = None  # few-shot: training images per class, drawn once (None: the dataset's own)
     joint: bool = False  # the method's own recipe on one task holding every class (its joint upper bound)
     recipe: str | None = None  # a named bundle of --set values the method declares (``Method.recipes``)
+    feature_cache: bool = True  # frozen encoders' features computed once per image (``engine.features``)
 
 
 @dataclass

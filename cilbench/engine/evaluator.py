@@ -14,8 +14,10 @@ import numpy as np
 import torch
 
 from cilbench.data.augment import ImageTransform
+from cilbench.engine.features import FeatureCache
 from cilbench.engine.loader import BatchStream, TaskData
 from cilbench.engine.trainer import autocast
+from cilbench.methods.contract import Encoder
 
 
 EVAL_CROP_SEED = 7_919_000
@@ -43,8 +45,10 @@ def _percent(correct: list[int | None], total: list[int]) -> list[float | None]:
 
 @torch.no_grad()
 def evaluate_row(method, scenario, row: int, test: list[TaskData], transform: ImageTransform,
-                 device: torch.device, batch_size: int) -> EvalRow:
-    """Accuracy of every evaluated column after training task ``row``."""
+                 device: torch.device, batch_size: int, features: FeatureCache | None = None) -> EvalRow:
+    """Accuracy of every evaluated column after training task ``row``. With ``features``, a method that scores
+    through a ``feature_encoder`` is scored on cached features: only test images not yet encoded under the
+    encoder's current weights run through it."""
     method.eval()
     start = time.perf_counter()
     n_tasks = len(scenario.tasks)
@@ -52,11 +56,24 @@ def evaluate_row(method, scenario, row: int, test: list[TaskData], transform: Im
     # its random crops are then drawn from a generator of their own, so a resumed run scores the same crops
     augment = bool(getattr(method, "eval_augment", False))
     gen = torch.Generator().manual_seed(EVAL_CROP_SEED + row) if augment else None
-
-    def view(images: torch.Tensor) -> torch.Tensor:
-        return transform(images, train=augment, generator=gen)
+    enc = cached_encoder(method) if features is not None and not augment else None
     correct: dict[str, list[int | None]] = {}  # "" is the method's answer, other keys its extra views
     images = 0
+
+    def predictions(data: TaskData, classes: torch.Tensor):
+        """(rows of ``data``, labels, predicted class ids by view) per batch."""
+        if enc is not None:
+            feats = features.features(enc, data, transform, batch_size, low_precision=True)
+            labels = torch.from_numpy(data.labels).to(device)
+            for i in range(0, len(data), batch_size):
+                with autocast(device):
+                    scores = method.feature_logits(feats[i:i + batch_size], classes)
+                yield np.arange(i, min(i + batch_size, len(data))), labels[i:i + batch_size], \
+                    {"": classes[scores.float().argmax(1)]}
+            return
+        for raw in BatchStream(data, batch_size, device):
+            yield raw.rows, raw.labels, _predict(method, transform(raw.images, train=augment, generator=gen),
+                                                 classes, device)
 
     def count(name: str, j: int, value: int) -> None:
         correct.setdefault(name, [None] * n_tasks)
@@ -74,24 +91,35 @@ def evaluate_row(method, scenario, row: int, test: list[TaskData], transform: Im
             data = TaskData(data.images, data.indices[order], data.labels[order])
             which_task = which_task[order]
         hits: dict[str, np.ndarray] = {}
-        for raw in BatchStream(data, batch_size, device):
-            for name, pred in _predict(method, view(raw.images), seen, device).items():
-                hits.setdefault(name, np.zeros(len(data), dtype=bool))[raw.rows] = (pred == raw.labels).cpu().numpy()
-            images += len(raw.rows)
+        for rows, labels, preds in predictions(data, seen):
+            for name, pred in preds.items():
+                hits.setdefault(name, np.zeros(len(data), dtype=bool))[rows] = (pred == labels).cpu().numpy()
+            images += len(rows)
         for name, h in hits.items():
             for j in range(row + 1):
                 count(name, j, int(h[which_task == j].sum()))
     else:
         for j, task in enumerate(scenario.tasks):
             classes = torch.tensor(task.classes, device=device)
-            for raw in BatchStream(test[j], batch_size, device):
-                for name, pred in _predict(method, view(raw.images), classes, device).items():
-                    count(name, j, int((pred == raw.labels).sum()))
-                images += len(raw.rows)
+            for rows, labels, preds in predictions(test[j], classes):
+                for name, pred in preds.items():
+                    count(name, j, int((pred == labels).sum()))
+                images += len(rows)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     main = correct.pop("", [None] * n_tasks)
     return EvalRow(main, [len(t) for t in test], time.perf_counter() - start, images, correct)
+
+
+def cached_encoder(method) -> Encoder | None:
+    """The method's ``feature_encoder`` when its evaluation is exactly ``feature_logits`` of it (no extra score
+    views of its own), else None."""
+    from cilbench.methods.base import Method
+
+    enc = method.feature_encoder() if hasattr(method, "feature_encoder") else None
+    if enc is None or type(method).score_views is not Method.score_views:
+        return None
+    return enc
 
 
 def _predict(method, images: torch.Tensor, classes: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:

@@ -34,11 +34,12 @@ from cilbench.data.scenario import Scenario, Task
 from cilbench.data.store import sha256_file
 from cilbench.engine.checkpoint import Checkpoint
 from cilbench.engine.evaluator import evaluate_row, extract_features, inference_cost
+from cilbench.engine.features import FeatureCache
 from cilbench.engine.loader import TaskData
 from cilbench.engine.trainer import main_phase, run_phase
 from cilbench.errors import CilbenchError
 from cilbench.methods.base import Method
-from cilbench.methods.contract import Phase, PhaseStats, check_log_value
+from cilbench.methods.contract import Encoder, Phase, PhaseStats, check_log_value
 from cilbench.models.backbones import build_backbone
 from cilbench.plan import RunOptions, RunPlan  # noqa: F401 - RunOptions is re-exported
 from cilbench.results.record import SCHEMA_VERSION
@@ -94,9 +95,14 @@ class RunTaskContext:
                  augment: bool = False, low_precision: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of ``data`` (default: the task's training images) in order, test transform unless
         ``augment``, in float32 arithmetic as the official codes compute prototypes, covariances and Gram matrices;
-        ``low_precision`` allows bf16 autocast on CUDA."""
-        return extract_features(encode, self.train if data is None else data, self.transform, self.device,
-                                self.batch_size, augment, low_precision)
+        ``low_precision`` allows bf16 autocast on CUDA. ``encode`` a ``contract.Encoder`` (the method's
+        ``feature_encoder``): through the run's feature cache, each image encoded once per state of its weights."""
+        data = self.train if data is None else data
+        cache = self._runner.features
+        if isinstance(encode, Encoder) and cache is not None and not augment:  # a frozen encoder: encoded once
+            feats = cache.features(encode, data, self.transform, self.batch_size, low_precision)
+            return feats, torch.from_numpy(data.labels).to(self.device)
+        return extract_features(encode, data, self.transform, self.device, self.batch_size, augment, low_precision)
 
     def fit(self, phase: Phase) -> PhaseStats:
         """Run a gradient phase on the one trainer; its per-epoch loss and terms go into the task's log."""
@@ -296,6 +302,8 @@ class Runner:
         self.data_identity: dict[str, Any] = {}
         self.references: ReferenceData | None = None
         self.saved_tasks = 0  # tasks covered by the checkpoint on disk (for the interrupt message)
+        self.features: FeatureCache | None = None
+        self._said_reuse = False
 
     def _refuse_other_config(self) -> None:
         """A record at our path made with another configuration is never overwritten."""
@@ -344,6 +352,7 @@ class Runner:
                                         opts.seed)
         self.data_identity = {**data.identity(), **self.references.identity}
         scenario.tasks = [dataclasses.replace(t, class_names=data.class_names(t)) for t in scenario.tasks]
+        self.features = self._feature_cache(data, device)
         n = len(scenario.tasks)
         resumed = None
         if opts.resume:
@@ -386,6 +395,7 @@ class Runner:
             method.to(device)
             seen = [c for done in scenario.tasks[:t + 1] for c in done.classes]
             ctx = RunTaskContext(self, method, task, data.train[t], seen, transform, device, seed, progress_factory)
+            encoded, reused = self.features.stats.snapshot() if self.features else (None, None)
             t0 = time.perf_counter()
             method.eval()  # statistics hooks run without dropout, also on a resumed run's first task
             method.before_fit(task, ctx)
@@ -397,7 +407,8 @@ class Runner:
             method.eval()
             method.after_task(task, ctx)
             after_s = time.perf_counter() - t0
-            row = evaluate_row(method, scenario, t, data.test, transform, device, self.cfg.eval_batch_size)
+            row = evaluate_row(method, scenario, t, data.test, transform, device, self.cfg.eval_batch_size,
+                               self.features)
             matrix.append(row.accuracy)
             for name, acc in row.view_accuracy().items():
                 views.setdefault(name, [[None] * n for _ in range(t)]).append(acc)
@@ -409,7 +420,8 @@ class Runner:
                                 if row.seconds > 0 else 0.0,
                                 data_wait_fraction=round(stats.data_wait_s / stats.seconds, 4)
                                 if stats.seconds > 0 else 0.0,
-                                skipped_steps=stats.skipped_steps, final_loss=stats.final_loss))
+                                skipped_steps=stats.skipped_steps, final_loss=stats.final_loss,
+                                **self._cache_counts(encoded, reused)))
             log.append(ctx.record())
             if ctx.logged.get("per_class") == 0 and t < n - 1:  # a memory too small for the classes seen so far
                 self._say(f"[yellow]warning[/]: after {task.name} the exemplar memory keeps 0 images per class of "
@@ -430,6 +442,30 @@ class Runner:
         atomic_write_json(self.record_path, record)
         self.checkpoint.remove()
         return record, self.record_path
+
+    def _feature_cache(self, data: ScenarioData, device: torch.device) -> FeatureCache | None:
+        """The run's frozen-feature cache over every split of its stores, kept in ``<cache>/features``."""
+        if not self.opts.feature_cache:
+            return None
+        cache = FeatureCache(self.cache / "features", device, lambda text: self._say(f"[yellow]warning[/]: {text}"))
+        for name, store in data.stores.items():
+            for split in store.split_names:
+                cache.register(store.split(split).images, f"{name}:{self.data_identity[name]['content_sha256']}:"
+                                                          f"{split}")
+        return cache
+
+    def _cache_counts(self, encoded: int | None, reused: int | None) -> dict[str, Any]:
+        """Feature-cache counts of one task (images encoded, features reused), said once when a run first reads
+        features an earlier run computed."""
+        if self.features is None:
+            return {}
+        stats = self.features.stats
+        if stats.chunks_read and not self._said_reuse:
+            self._said_reuse = True
+            rows = sum(c["rows"] for c in stats.chunks_read)
+            self._say(f"reused the features of {rows} images cached in {self.features.folder} (same encoder "
+                      f"weights, code, transform and data); --no-feature-cache recomputes them")
+        return dict(features_encoded=stats.encoded - encoded, features_reused=stats.reused - reused)
 
     def config_label(self) -> str:
         """The run's non-default settings, readable (``lambda1=0, lambda2=0``); empty for the method's own."""
@@ -500,7 +536,7 @@ class Runner:
             "run": {"device": opts.device, "cache_dir": str(self.cache), "weights": opts.weights,
                     "weights_sha256": self.weights_sha256, "image_sizes": sorted(data.image_sizes),
                     "merged_tasks": self.method_cls.merges_tasks or opts.joint, "joint": opts.joint,
-                    "recipe": opts.recipe,
+                    "recipe": opts.recipe, "feature_cache": opts.feature_cache,
                     "tag": opts.tag,
                     "shots": scenario.shots},
             "data": self.data_identity,
@@ -510,6 +546,7 @@ class Runner:
             "metrics": summary,
             "views": view_records,
             "cost": cost,
+            "feature_cache": self.features.record() if self.features is not None else None,
             "log": log,
             "timings": {"tasks": timings, "total_s": round(time.perf_counter() - wall, 3)},
             "device": device,

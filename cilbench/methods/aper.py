@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cilbench.methods.base import register_method
+from cilbench.methods.base import Encoder, register_method
 from cilbench.methods.finetune_adapter import ADAPTER_PRESETS, QUICK_ADAPTER, AdapterTuning, AdapterTuningConfig
 from cilbench.models.heads import PrototypeHead, class_means
 
@@ -61,9 +61,12 @@ class AperAdapter(AdapterTuning):
         if self.tunes(task):
             for p in self.vit.expert_parameters(0) + list(self.head.parameters()):
                 p.requires_grad_(False)
-        feats, labels = ctx.features(self.embed)  # 3. class means, test transform
+        feats, labels = ctx.features(self.feature_encoder())  # 3. class means, test transform
         classes = torch.tensor(task.classes, device=feats.device)
         self.prototypes.set(classes, class_means(feats, labels, classes))
 
-    def logits(self, images, classes):  # 4. cosine to the prototypes
-        return self.prototypes(self.embed(images), classes)
+    def feature_encoder(self):  # frozen after the first task: each image is encoded once from then on
+        return Encoder("[plain || adapted]", self.embed, (self.backbone, self.vit))
+
+    def feature_logits(self, feats, classes):  # 4. cosine to the prototypes
+        return self.prototypes(feats, classes)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from cilbench.errors import CilbenchError
-from cilbench.methods.contract import Batch, Data, StepResult, TaskContext  # noqa: F401 - Batch re-exported
+from cilbench.methods.contract import Batch, Data, Encoder, StepResult, TaskContext  # noqa: F401 - re-exported
 from cilbench.registry import Registry
 
 
@@ -158,7 +158,21 @@ class Method(nn.Module):
         """After training on ``task``: statistics, prototypes, memory, second phases (``ctx.fit``)."""
 
     def logits(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        """Scores [B, len(classes)] of the candidate global class ids ``classes``."""
+        """Scores [B, len(classes)] of the candidate global class ids ``classes``; by default ``feature_logits`` of
+        the ``feature_encoder``'s features."""
+        enc = self.feature_encoder()
+        if enc is None:
+            raise NotImplementedError(f"{type(self).__name__} has neither logits nor a feature_encoder")
+        return self.feature_logits(enc(images), classes)
+
+    def feature_encoder(self) -> Encoder | None:
+        """The frozen feature function the scores are a head over (``contract.Encoder``), when there is one now:
+        the evaluator then scores ``feature_logits`` of cached features (each test image encoded once per state of
+        the encoder's weights) and ``ctx.features(encoder)`` reuses them. None: every evaluation runs ``logits``."""
+        return None
+
+    def feature_logits(self, feats: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """Scores of the candidate classes from ``feature_encoder`` features (float32)."""
         raise NotImplementedError
 
     def score_views(self, images: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

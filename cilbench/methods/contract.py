@@ -15,7 +15,8 @@ The runner calls a method's hooks in this order, for every task::
     param_groups(task)           what trains, at which learning rate ([]: nothing trains)
     ctx.fit(main phase)          training_step(batch) each step, after_step(step) after each optimiser step
     after_task(task, ctx)        statistics, memory updates, second phases (``ctx.fit(Phase(...))``)
-    score_views / logits         evaluation
+    score_views / logits         evaluation (a method with a ``feature_encoder``: ``feature_logits`` of cached
+                                 features, each image encoded once per state of the encoder's weights)
 
 ``training_step`` returns the loss, or a ``StepOutput(loss, terms)`` whose named terms the trainer averages per epoch
 into the record's log. ``frozen_modules()`` lists modules the trainer keeps in eval mode while training.
@@ -28,7 +29,21 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, Union, runtime_ch
 
 import numpy as np
 import torch
+import torch.nn as nn
 
+
+@dataclass(frozen=True, eq=False)
+class Encoder:
+    """A feature function whose output depends only on the input image and the weights and buffers of ``modules``
+    (no other state: no task index, no mode switch kept outside the state dict). A method that scores through one
+    (``Method.feature_encoder``) has each image encoded once per state of those weights (``engine.features``)."""
+
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    modules: tuple[nn.Module, ...]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fn(images)
 
 
 @runtime_checkable
@@ -163,7 +178,7 @@ class TaskContext(Protocol):
     train: Data  # this task's training data
     device: torch.device
 
-    def features(self, encode: Callable[[torch.Tensor], torch.Tensor], data: Data | None = None,
+    def features(self, encode: Callable[[torch.Tensor], torch.Tensor] | Encoder, data: Data | None = None,
                  augment: bool = False, low_precision: bool = False) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def fit(self, phase: Phase) -> PhaseStats: ...

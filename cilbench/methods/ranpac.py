@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cilbench.errors import CilbenchError
-from cilbench.methods.base import register_method
+from cilbench.methods.base import Encoder, register_method
 from cilbench.methods.finetune_adapter import IMAGENET_R_TUNING, QUICK_ADAPTER, AdapterTuning, AdapterTuningConfig
 
 
@@ -170,7 +170,7 @@ class RanPAC(AdapterTuning):
         if task.index == 0:  # 2. draw the random projection once
             gen = ctx.rng("ridge-projection")
             self.ridge.setup(self.backbone.feature_dim, self.cfg.M, self.num_classes, gen, ctx.device)
-        feats, labels = ctx.features(self.adapted)
+        feats, labels = ctx.features(self.feature_encoder())
         H = self.ridge.project(feats)
         Y = F.one_hot(labels, self.num_classes).float()
         self.ridge.accumulate(H, Y)  # 3. G += H^T H, Q += H^T Y
@@ -180,7 +180,9 @@ class RanPAC(AdapterTuning):
         self.ridge.solve(lam)  # 4. W_o = (G + lambda I)^-1 Q
         ctx.log(ridge_lambda=lam, ridge_val_mse=[m if math.isfinite(m) else None for m in mses])
 
-    def logits(self, images, classes):  # 5. s = ReLU(x W) W_o, in float32
-        feats = self.adapted(images)
-        with torch.autocast(images.device.type, enabled=False):
+    def feature_encoder(self):  # frozen after the first task: each image is encoded once from then on
+        return Encoder("adapted", self.adapted, (self.backbone, self.vit))
+
+    def feature_logits(self, feats, classes):  # 5. s = ReLU(x W) W_o, in float32
+        with torch.autocast(feats.device.type, enabled=False):
             return self.ridge(feats, classes)

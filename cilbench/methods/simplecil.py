@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cilbench.methods.base import TRAINING_SETTINGS, Method, TrainConfig, register_method
+from cilbench.methods.base import TRAINING_SETTINGS, Encoder, Method, TrainConfig, register_method
 from cilbench.models.heads import PrototypeHead, class_means
 
 
@@ -37,10 +37,13 @@ class SimpleCIL(Method):
     def before_task(self, task):
         self.head.grow(len(task.classes))
 
+    def feature_encoder(self):  # frozen for good: each image is encoded once
+        return Encoder("backbone", self.backbone, (self.backbone,))
+
     def after_task(self, task, ctx):
-        feats, labels = ctx.features(self.backbone)
+        feats, labels = ctx.features(self.feature_encoder())
         classes = torch.tensor(task.classes, device=feats.device)
         self.head.set(classes, class_means(feats, labels, classes))
 
-    def logits(self, images, classes):
-        return self.head(self.backbone(images), classes)
+    def feature_logits(self, feats, classes):
+        return self.head(feats, classes)

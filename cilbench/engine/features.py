@@ -1,0 +1,236 @@
+"""Frozen-feature cache: each image is encoded once per (encoder weights, code, transform, precision, data).
+
+A method whose scores are a light head over a frozen feature function (SimpleCIL's backbone; APER's and RanPAC's
+adapted backbone after their first task) declares it as an ``Encoder`` (``Method.feature_encoder``). The evaluator
+and ``ctx.features`` then ask this cache for the features of a ``TaskData`` instead of running the encoder:
+rows encoded before under the same key are reused, only the others run. Without it, every evaluation re-encodes the
+test images of every seen task, T(T+1)/2 passes over a task's test set in a T-task run (as LAMDA-PILOT does);
+with it, T.
+
+The key is a sha256 of everything the features depend on: the encoder's name, the bytes of every weight and
+buffer of its modules, the source files of its modules' classes and of its function, the package versions, the
+transform, the arithmetic (float32 or bf16 autocast) and device type, and the store's content hash and split. The
+weights are hashed at every lookup (a feature pass, an evaluation), so even a write torch does not count (through
+``.data``) makes a new key. Any change is a new key: nothing is invalidated in place, no stale feature is read.
+
+On disk (``<cache>/features/<key>/``) each computation adds one ``.npz`` chunk (rows, float32 features), written
+atomically; concurrent runs only ever add chunks. Chunks are read with ``allow_pickle=False`` and checked (shapes,
+dtype, rows inside the store); a malformed chunk is skipped with a warning, and every chunk a run reads is named with
+its sha256 in the run record (``feature_cache``), so features from a folder never enter a number without a word.
+
+Features of reused rows are bit-identical to the ones first computed; compared with no cache, an image may be
+encoded in another batch composition, which moves float32 features by rounding only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from cilbench.engine.loader import BatchStream, TaskData
+from cilbench.methods.contract import Encoder
+from cilbench.utils import atomic_write_text, package_versions
+
+
+_file_digests: dict[str, str] = {}
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict[str, str | None]:
+    return package_versions(("cilbench", "torch", "timm", "open_clip_torch"))
+
+
+def _file_digest(path: str | None) -> str:
+    if path is None:
+        return "-"
+    if path not in _file_digests:
+        try:
+            _file_digests[path] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        except OSError:
+            _file_digests[path] = "unreadable"
+    return _file_digests[path]
+
+
+def _source(obj: Any) -> str | None:
+    try:
+        return inspect.getsourcefile(obj)
+    except TypeError:
+        return None
+
+
+def code_digest(enc: Encoder) -> str:
+    """The source files of every module class the encoder runs and of its function (a fix to a forward pass is a
+    new key)."""
+    files = {_source(type(m)) for module in enc.modules for m in module.modules()}
+    files.add(_source(getattr(enc.fn, "__func__", enc.fn)))
+    return hashlib.sha256(json.dumps(sorted((str(f), _file_digest(f)) for f in files)).encode()).hexdigest()
+
+
+def weights_digest(modules: tuple[nn.Module, ...]) -> str:
+    """sha256 over the name, dtype, shape and bytes of every weight and buffer of ``modules``, hashed afresh at
+    every call: no version counter can be trusted to have seen a write (torch does not count writes through
+    ``.data``). Tensors are hashed on a thread pool (hashlib releases the GIL): ~0.3 s of one core per ViT-B/16."""
+    tensors = [(f"{i}.{k}", v.detach()) for i, m in enumerate(modules) for k, v in m.state_dict().items()]
+
+    def one(item: tuple[str, torch.Tensor]) -> str:
+        name, v = item
+        flat = v.reshape(-1).contiguous()
+        data = flat.view(torch.uint8).cpu().numpy().tobytes() if flat.numel() else b""
+        return hashlib.sha256(f"{name}|{v.dtype}|{tuple(v.shape)}|".encode() + data).hexdigest()
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return hashlib.sha256("".join(pool.map(one, tensors)).encode()).hexdigest()
+
+
+@dataclass
+class _Entry:
+    """The features of one key held in memory: ``pos[row]`` is the row's position in ``feats`` (-1: not encoded)."""
+
+    key: str
+    pos: np.ndarray
+    feats: torch.Tensor | None = None
+    loaded: bool = False
+
+
+@dataclass
+class CacheStats:
+    encoded: int = 0  # images run through an encoder
+    reused: int = 0  # features served from the cache (memory or disk)
+    chunks_read: list[dict[str, Any]] = field(default_factory=list)  # disk chunks read: file, sha256, rows
+    skipped: list[str] = field(default_factory=list)  # malformed chunks, with why
+
+    def snapshot(self) -> tuple[int, int]:
+        return self.encoded, self.reused
+
+
+class FeatureCache:
+    """Features of registered stores' rows by key; ``folder=None`` keeps them for this process only."""
+
+    def __init__(self, folder: Path | None, device: torch.device, warn: Callable[[str], None] = lambda s: None):
+        self.folder, self.device, self.warn = folder, device, warn
+        self._sources: dict[int, tuple[Any, str]] = {}
+        self._entries: dict[str, _Entry] = {}
+        self.stats = CacheStats()
+        self.keys: dict[str, dict[str, Any]] = {}  # key -> what it covers, for the run record
+
+    def register(self, images: Any, source: str) -> None:
+        """Name a store split's image array (``source``: the store's content hash and split), so its rows can be
+        cached; rows of arrays never registered (an exemplar memory across stores) are encoded every time."""
+        self._sources[id(images)] = (images, source)
+
+    def key(self, enc: Encoder, source: str, transform: Any, precision: str) -> str:
+        parts = dict(encoder=enc.name, weights=weights_digest(enc.modules), code=code_digest(enc), versions=_versions(),
+                     transform=repr(transform), precision=precision, device=self.device.type, source=source)
+        key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+        self.keys.setdefault(key, {k: parts[k] for k in ("encoder", "source", "precision", "device")})
+        return key
+
+    def features(self, enc: Encoder, data: TaskData, transform: Any, batch_size: int,
+                 low_precision: bool = False) -> torch.Tensor:
+        """float32 features [len(data), D] of ``data``'s rows under the eval transform, encoding only rows not
+        cached under this key (bf16 autocast on CUDA when ``low_precision``)."""
+        from cilbench.engine.trainer import autocast
+
+        def encode(rows: np.ndarray) -> torch.Tensor:
+            out = []
+            for raw in BatchStream(TaskData(data.images, rows, np.zeros(len(rows), dtype=np.int64)), batch_size,
+                                   self.device):
+                with torch.no_grad(), autocast(self.device) if low_precision else contextlib.nullcontext():
+                    out.append(enc(transform(raw.images, train=False)).float())
+            self.stats.encoded += len(rows)
+            return torch.cat(out) if out else torch.zeros(0, 0, device=self.device)
+
+        known = self._sources.get(id(data.images))
+        if known is None or known[0] is not data.images:
+            return encode(data.indices)
+        precision = "bf16-autocast" if low_precision and self.device.type == "cuda" else "float32"
+        key = self.key(enc, known[1], transform, precision)
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry(key, np.full(len(data.images), -1, dtype=np.int64))
+            self._load(entry)
+        if len(data) == 0:
+            return torch.zeros(0, 0, device=self.device)
+        missing = np.unique(data.indices[entry.pos[data.indices] < 0])
+        if len(missing):
+            new = encode(missing)
+            self._add(entry, missing, new)
+            self._save(entry, missing, new)
+        self.stats.reused += len(data) - len(missing)
+        return entry.feats[torch.from_numpy(entry.pos[data.indices]).to(entry.feats.device)]
+
+    def _add(self, entry: _Entry, rows: np.ndarray, feats: torch.Tensor) -> None:
+        start = 0 if entry.feats is None else entry.feats.shape[0]
+        entry.feats = feats if entry.feats is None else torch.cat([entry.feats, feats.to(entry.feats)])
+        entry.pos[rows] = np.arange(start, start + len(rows))
+
+    def _dir(self, key: str) -> Path | None:
+        return None if self.folder is None else self.folder / key[:2] / key
+
+    def _load(self, entry: _Entry) -> None:
+        folder = self._dir(entry.key)
+        if folder is None or not folder.is_dir():
+            return
+        for path in sorted(folder.glob("chunk-*.npz")):
+            try:
+                blob = path.read_bytes()
+                with np.load(path, allow_pickle=False) as z:
+                    rows, feats = z["rows"], z["feats"]
+                dim = entry.feats.shape[1] if entry.feats is not None else None
+                bad = (rows.ndim != 1 or rows.dtype != np.int64 or feats.ndim != 2 or feats.dtype != np.float32
+                       or len(rows) != len(feats) or len(rows) == 0 or rows.min() < 0 or rows.max() >= len(entry.pos)
+                       or len(np.unique(rows)) != len(rows) or (dim is not None and feats.shape[1] != dim)
+                       or not np.isfinite(feats).all())
+            except (OSError, ValueError, KeyError) as err:
+                bad, rows, feats = f"{type(err).__name__}", None, None
+            if bad:
+                self.stats.skipped.append(f"{path} ({bad if isinstance(bad, str) else 'not a feature chunk'})")
+                self.warn(f"skipping {path}: not a readable feature chunk of this key; it will be recomputed")
+                continue
+            new = entry.pos[rows] < 0
+            if new.any():
+                self._add(entry, rows[new], torch.from_numpy(feats[new]).to(self.device))
+            self.stats.chunks_read.append({"file": str(path), "sha256": hashlib.sha256(blob).hexdigest(),
+                                           "rows": int(new.sum())})
+
+    def _save(self, entry: _Entry, rows: np.ndarray, feats: torch.Tensor) -> None:
+        folder = self._dir(entry.key)
+        if folder is None:
+            return
+        tmp = None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            described = folder / "key.json"
+            if not described.exists():
+                atomic_write_text(described, json.dumps(self.keys.get(entry.key, {}), indent=1, sort_keys=True))
+            arrays = dict(rows=rows.astype(np.int64), feats=feats.detach().float().cpu().numpy())
+            digest = hashlib.sha256(arrays["rows"].tobytes() + arrays["feats"].tobytes()).hexdigest()[:16]
+            fd, tmp = tempfile.mkstemp(prefix=".chunk-", suffix=".npz.tmp", dir=folder)
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, folder / f"chunk-{digest}.npz")
+            tmp = None
+        except OSError as err:  # a read-only or full cache only costs the reuse, never the run
+            self.warn(f"could not write the feature cache in {folder}: {err.strerror or err}")
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+
+    def record(self) -> dict[str, Any]:
+        """What the run record keeps: the folder, each key used, counts, and every chunk read with its sha256."""
+        return {"folder": None if self.folder is None else str(self.folder), "keys": self.keys,
+                "encoded_images": self.stats.encoded, "reused_images": self.stats.reused,
+                "chunks_read": self.stats.chunks_read, "skipped_chunks": self.stats.skipped}
