@@ -128,3 +128,71 @@ def test_first_weight_decay_applies_to_the_first_task_only():
     assert _fit(cfg, task_index=0)[1] == [5e-4, 5e-4]
     assert _fit(cfg, task_index=1)[1] == [2e-4, 2e-4]
     assert _fit(TrainConfig(epochs=1, batch_size=4, weight_decay=2e-4), task_index=0)[1] == [2e-4, 2e-4]
+
+
+# ---- the NaN guard on the device (CUDA's default; forced here on CPU, whose fused optimisers take found_inf) ----
+
+class _Spiky(Method):
+    """A small regression whose loss is NaN on the steps listed in ``nan_at`` (counted from 0)."""
+
+    def __init__(self, cfg, nan_at=()):
+        super().__init__(cfg, torch.nn.Identity(), None)
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(3, 2)
+        self.nan_at, self.calls, self.after = set(nan_at), 0, 0
+
+    def param_groups(self, task):
+        return [dict(params=list(self.lin.parameters()))]
+
+    def training_step(self, batch):
+        x = batch.images.reshape(len(batch.images), -1)[:, :3]
+        loss = (self.lin(x) - 1).pow(2).mean()
+        loss = loss * float("nan") if self.calls in self.nan_at else loss
+        self.calls += 1
+        return loss
+
+    def after_step(self, step):
+        self.after += 1
+
+
+def _spiky_fit(monkeypatch, deferred: bool, optimizer: str, nan_at=(), epochs=3):
+    monkeypatch.setenv("CILBENCH_DEFERRED_GUARD", "1" if deferred else "0")
+    from cilbench.engine.loader import TaskData
+
+    cfg = TrainConfig(epochs=epochs, batch_size=4, lr=0.05, optimizer=optimizer, schedule="constant")
+    method = _Spiky(cfg, nan_at)
+    rng = np.random.default_rng(0)
+    data = TaskData(rng.integers(0, 255, (12, 2, 2, 3)).astype(np.uint8), np.arange(12), np.zeros(12, np.int64))
+    task = SimpleNamespace(index=0, name="task 0")
+    stats = run_phase(method, main_phase(method, task, data), cfg, task, data, lambda x, train: x.float() / 255,
+                      torch.device("cpu"), seed=0)
+    return method, stats
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_device_guard_skips_bad_steps_as_the_host_guard_does(monkeypatch, optimizer):
+    # steps 0 and 4 are NaN: the first (an SGD momentum buffer not yet made) and one mid-epoch
+    host, host_stats = _spiky_fit(monkeypatch, False, optimizer, nan_at=(0, 4))
+    dev, dev_stats = _spiky_fit(monkeypatch, True, optimizer, nan_at=(0, 4))
+    assert host_stats.skipped_steps == dev_stats.skipped_steps == 2
+    assert host_stats.steps == dev_stats.steps == 9
+    for a, b in zip(host.lin.parameters(), dev.lin.parameters()):  # fused vs foreach kernels: rounding apart
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for name in ("loss",):  # per-epoch means over the finite steps only
+        assert dev_stats.epoch_terms[name] == pytest.approx(host_stats.epoch_terms[name], rel=1e-5)
+    assert host.after == 7 and dev.after == 9  # the device guard cannot know: after_step runs after every step
+    # with no bad step at all the two paths train the same weights
+    clean_host, _ = _spiky_fit(monkeypatch, False, optimizer)
+    clean_dev, _ = _spiky_fit(monkeypatch, True, optimizer)
+    for a, b in zip(clean_host.lin.parameters(), clean_dev.lin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_ten_bad_steps_in_a_row_or_a_bad_last_step_stop_the_phase(monkeypatch, deferred):
+    # the host guard stops at the 10th; the device guard reads its count every 10 steps and at the end (13 here)
+    last = "13" if deferred else "10"
+    with pytest.raises(CilbenchError, match=f"training diverged on task 0: the loss was not finite for the last {last} "):
+        _spiky_fit(monkeypatch, deferred, "sgd", nan_at=range(2, 30), epochs=5)
+    with pytest.raises(CilbenchError, match="not finite for the last 1 steps"):
+        _spiky_fit(monkeypatch, deferred, "sgd", nan_at=(8,))

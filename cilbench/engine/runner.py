@@ -111,7 +111,8 @@ class RunTaskContext:
         stats = run_phase(self._method, phase, self._runner.cfg, self.task, self.train, self.transform,
                           self.device, self.task_seed if phase.seed is None else phase.seed, self.progress)
         self.phases[phase.name] = {"steps": stats.steps, "epochs": stats.epoch_terms,
-                                   "seconds": round(stats.seconds, 4), "skipped_steps": stats.skipped_steps}
+                                   "seconds": round(stats.seconds, 4), "skipped_steps": stats.skipped_steps,
+                                   "fused_optimizer": stats.fused_optimizer}
         return stats
 
     def seed(self, purpose: str = "") -> int:

@@ -4,6 +4,10 @@ alignment on sampled features, balanced finetuning on a memory, ...) are ``Phase
 on CUDA, frozen modules kept in eval mode, aux streams, the NaN guard, progress, timings, and the per-epoch means of
 the loss and of every named term a step returns (``StepOutput``). Methods own losses and parameters.
 
+Nothing in the loop waits for the GPU: losses and terms are summed on the device and read once per epoch, and on
+CUDA the NaN guard stays on the device too (``deferred_guard``: torch's fused optimiser skips a non-finite step
+itself, the host reads the count of bad steps every ``MAX_BAD_STEPS`` steps).
+
 Schedules move once per epoch by default (``schedule_unit="epoch"``): the lr of every group is set at the start of
 epoch ``e`` from ``e`` alone, which is what the official PTM-CIL codes get from a torch scheduler stepped after each
 epoch (``CosineAnnealingLR(T_max=epochs)``, ``MultiStepLR``). ``schedule_unit="iteration"`` (and every phase counted
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -74,9 +79,12 @@ class Settings:
 
 
 def build_optimizer(groups: list[dict[str, Any]], s: Settings | TrainConfig,
-                    weight_decay: float | None = None) -> torch.optim.Optimizer:
+                    weight_decay: float | None = None, fused: bool = False) -> torch.optim.Optimizer:
     """The optimiser over the trainable parameters of ``groups``; a group without ``lr`` takes ``s.lr``, one
-    without ``weight_decay`` takes ``weight_decay`` (default ``s.weight_decay``)."""
+    without ``weight_decay`` takes ``weight_decay`` (default ``s.weight_decay``). ``fused``: torch's fused kernels,
+    which can skip a step on the device (``train_step(deferred=True)``); SGD's momentum buffers then start at zero,
+    which with no dampening is exactly torch's first step (buffer = gradient) and keeps a skipped first step from
+    leaving the fused kernel's uninitialised buffer behind."""
     weight_decay = s.weight_decay if weight_decay is None else weight_decay
     groups = [dict(g, params=[p for p in g["params"] if p.requires_grad]) for g in groups]
     groups = [g for g in groups if g["params"]]
@@ -85,13 +93,26 @@ def build_optimizer(groups: list[dict[str, Any]], s: Settings | TrainConfig,
     for g in groups:
         g.setdefault("lr", s.lr)
     name = s.optimizer.lower()
+    extra = dict(fused=True) if fused else {}
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=weight_decay)
+        opt = torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=weight_decay, **extra)
+        if fused and s.momentum > 0:
+            for p in (p for g in opt.param_groups for p in g["params"]):
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return opt
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=s.lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(groups, lr=s.lr, weight_decay=weight_decay, **extra)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=s.lr, weight_decay=weight_decay)
+        return torch.optim.Adam(groups, lr=s.lr, weight_decay=weight_decay, **extra)
     raise CilbenchError(f"unknown optimizer {s.optimizer!r} (sgd, adamw, adam)")
+
+
+def deferred_guard(device: torch.device) -> bool:
+    """Whether the NaN guard runs on the device (CUDA; ``CILBENCH_DEFERRED_GUARD=0/1`` forces it off / on): a
+    non-finite step is then skipped by the fused optimiser itself (its ``found_inf``) and the host reads the count
+    of bad steps every ``MAX_BAD_STEPS`` steps and once per epoch, instead of waiting for the GPU at every step."""
+    forced = os.environ.get("CILBENCH_DEFERRED_GUARD")
+    return device.type == "cuda" if forced is None else forced == "1"
 
 
 SCHEDULES = ("cosine", "constant", "step", "quarter-cosine")
@@ -119,16 +140,27 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
 
 
 def train_step(step: Callable[[Batch], Any], optimizer: torch.optim.Optimizer, batch: Batch, device: torch.device,
-               low_precision: bool = True) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
-    """One optimiser step: the detached loss (None, and no step, when it is not finite) and the step's named terms."""
+               low_precision: bool = True, deferred: bool = False
+               ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """One optimiser step: the detached loss and the step's named terms. A non-finite loss is never stepped on:
+    the loss is then None (the host checks it), or with ``deferred`` (a fused optimiser) it is returned as it is
+    and the optimiser skips the update on the device, without the host waiting for the GPU."""
     with autocast(device) if low_precision else contextlib.nullcontext():
         out = step(batch)
     loss, terms = (out.loss, out.terms) if isinstance(out, StepOutput) else (out, {})
     optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
+    if deferred:
+        optimizer.found_inf, optimizer.grad_scale = (~torch.isfinite(loss.detach())).float(), None
+        try:
+            loss.backward()
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
+    elif not torch.isfinite(loss):
         return None, {}
-    loss.backward()
-    optimizer.step()
+    else:
+        loss.backward()
+        optimizer.step()
     return loss.detach(), {k: v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
                            for k, v in terms.items()}
 
@@ -156,6 +188,36 @@ def _diverged(task, phase: Phase, bad: int) -> CilbenchError:
     what = "training" if phase.name == "train" else f"the {phase.name} phase"
     return CilbenchError(f"{what} diverged on {task.name}: the loss was not finite for the last {bad} steps; "
                          f"{phase.divergence_hint}")
+
+
+class _NanGuard:
+    """Consecutive non-finite steps: a phase stops after ``MAX_BAD_STEPS`` of them in a row, or when it ends on
+    one (the weights are broken, not a transient spike). Counted on the host, or on the device when ``deferred``
+    and read every ``MAX_BAD_STEPS`` steps (the optimiser skipped each bad step itself)."""
+
+    def __init__(self, device: torch.device, deferred: bool):
+        self.deferred = deferred
+        zero = torch.zeros((), dtype=torch.long, device=device) if deferred else 0
+        self.run = self.worst = self.skipped = zero
+
+    def step(self, bad: bool | torch.Tensor) -> None:
+        if self.deferred:
+            bad = bad.long()
+            self.run = (self.run + 1) * bad
+            self.worst = torch.maximum(self.worst, self.run)
+        else:
+            self.run = (self.run + 1) * int(bad)
+            self.worst = max(self.worst, self.run)
+        self.skipped = self.skipped + bad
+
+    def check(self, task, phase: Phase, steps: int, final: bool = False) -> None:
+        if self.deferred and not final and steps % MAX_BAD_STEPS:
+            return
+        run, worst = int(self.run), int(self.worst)
+        if worst >= MAX_BAD_STEPS:
+            raise _diverged(task, phase, worst)
+        if final and run:
+            raise _diverged(task, phase, run)
 
 
 class _Epochs:
@@ -251,7 +313,8 @@ def run_phase(method: torch.nn.Module, phase: Phase, cfg: TrainConfig, task, tra
     epochs = _Epochs(data, s.batch_size, transform, phase.augment, device, seed, task.index)
     if not phase.params or epochs.empty:
         return stats
-    optimizer = build_optimizer(phase.params, s)
+    deferred = stats.fused_optimizer = deferred_guard(device)
+    optimizer = build_optimizer(phase.params, s, fused=deferred)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     steps_per_epoch = epochs.steps_per_epoch()
     total = s.iterations or s.epochs * steps_per_epoch
@@ -272,13 +335,13 @@ def run_phase(method: torch.nn.Module, phase: Phase, cfg: TrainConfig, task, tra
     for module in phase.frozen:
         module.eval()
     aux = _Aux(dict(phase.aux), s.batch_size, transform, device, seed, task.index) if phase.aux else None
-    bad = 0
+    guard = _NanGuard(device, deferred)
     start = time.perf_counter()
     epoch = 0
     last: torch.Tensor | None = None
     while stats.steps < total:
         sums: dict[str, torch.Tensor] = {}
-        counted = 0
+        counted: torch.Tensor | int = 0
         for inputs, labels in epochs.batches(epoch):
             if stats.steps >= total:
                 break
@@ -287,14 +350,21 @@ def run_phase(method: torch.nn.Module, phase: Phase, cfg: TrainConfig, task, tra
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * factor
             batch = Batch(inputs, labels, task, aux.next(task) if aux else {})
-            loss, terms = train_step(phase.step, optimizer, batch, device, low_precision)
-            if loss is None:
-                bad += 1
-                stats.skipped_steps += 1
-                if bad >= MAX_BAD_STEPS:
-                    raise _diverged(task, phase, bad)
+            loss, terms = train_step(phase.step, optimizer, batch, device, low_precision, deferred)
+            if deferred:  # counted on the device; a non-finite step was skipped by the optimiser
+                good = torch.isfinite(loss)
+                guard.step(~good)
+                counted = counted + good.long()
+                for name, value in (("loss", loss), *terms.items()):
+                    value = torch.where(good, value.float(), 0.0)
+                    sums[name] = sums[name] + value if name in sums else value
+                last = loss if last is None else torch.where(good, loss, last)
+                if phase.after_step is not None:
+                    phase.after_step(stats.steps)
+            elif loss is None:
+                guard.step(True)
             else:
-                bad = 0
+                guard.step(False)
                 last = loss
                 counted += 1
                 for name, value in (("loss", loss), *terms.items()):
@@ -303,16 +373,18 @@ def run_phase(method: torch.nn.Module, phase: Phase, cfg: TrainConfig, task, tra
                     phase.after_step(stats.steps)
             stats.steps += 1
             stats.images += int(labels.shape[0])
+            guard.check(task, phase, stats.steps)
             update(1, None)
-        if counted:  # losses and terms reach the host once per epoch (the NaN guard still checks each step)
+        counted = int(counted)
+        if counted:  # losses and terms reach the host once per epoch
             for name, total_value in sums.items():
                 stats.epoch_terms.setdefault(name, []).append(round(float(total_value) / counted, 6))
             stats.final_loss = float(last)
             update(0, stats.final_loss)
         epoch += 1
+    guard.check(task, phase, stats.steps, final=True)
+    stats.skipped_steps = int(guard.skipped)
     stats.data_wait_s = epochs.wait_s
-    if bad:  # the phase ended on non-finite losses: the weights are broken, not a transient spike
-        raise _diverged(task, phase, bad)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats.seconds = time.perf_counter() - start

@@ -160,6 +160,7 @@ class PhaseStats:
     seconds: float = 0.0
     data_wait_s: float = 0.0
     skipped_steps: int = 0
+    fused_optimizer: bool = False  # the NaN guard ran on the device, through torch's fused optimiser
     final_loss: float | None = None
     epoch_terms: dict[str, list[float]] = field(default_factory=dict)  # "loss" and each named term, per epoch
 
