@@ -486,6 +486,11 @@ def bench_cmd(
     steps: Optional[int] = typer.Option(None, "--steps", help="Timed steps per mode (default 20 CUDA, 5 CPU)."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed steps first."),
     set_: list[str] = typer.Option([], "--set", help="Override a method setting: key=value (repeatable)."),
+    compare_naive: bool = typer.Option(False, "--compare-naive", help="Also time both steps end to end, data "
+                                       "loading included: our uint8 store + device transform against a PILOT-style "
+                                       "JPEG + PIL DataLoader in float32."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader processes of the naive pipeline "
+                                          "(default min(8, CPUs))."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     plugin: list[Path] = _plugin_option(),
 ) -> None:
@@ -493,7 +498,8 @@ def bench_cmd(
     CUDA, TFLOP/s against the device's bf16 matmul rate. CICAE is timed with batched and sequential experts.
 
     Example: [bold]cilbench bench cicae[/]  or  [bold]cilbench bench moe-adapters --backbone clip-vit-b16[/] (also
-    prints the parameter counts of MoE-Adapters Table 5)
+    prints the parameter counts of MoE-Adapters Table 5)  or  [bold]cilbench bench cicae --compare-naive[/] (our
+    data pipeline against a LAMDA-PILOT-style JPEG DataLoader, end to end)
     """
     from cilbench.bench import bench
     from cilbench.engine.runner import pick_device
@@ -501,7 +507,8 @@ def bench_cmd(
 
     dev = pick_device(device)
     with _progress() as factory:
-        result = bench(method, backbone, batch_size, dev, steps, warmup, parse_sets(set_), factory)
+        result = bench(method, backbone, batch_size, dev, steps, warmup, parse_sets(set_), factory, compare_naive,
+                       workers)
     if as_json:
         _print_json(result)
         return
@@ -526,6 +533,53 @@ def bench_cmd(
         console.print(f"batched / sequential experts: training x{ratio['train']}, inference x{ratio['inference']}")
     for what, count in (result.get("parameters") or {}).items():
         console.print(f"parameters, {what.replace('_', ' ')}: {count:,} ({count / 1e6:.1f}M)")
+    cmp = result.get("compare_naive")
+    if cmp:
+        table = Table("pipeline", "train img/s", "infer img/s", "data wait train/infer",
+                      f"train TFLOP/s (of {unit} peak)",
+                      title=f"end to end, {cmp['images']} images of {cmp['image_size']} px (naive: JPEG q"
+                            f"{cmp['jpeg_quality']}, {cmp['jpeg_kb_mean']} KB, {cmp['workers']} workers)")
+        for name in ("ours", "naive"):
+            r = cmp[name]
+            waits = " / ".join("-" if w is None else f"{100 * w:.0f}%" for w in (r["train_data_wait"],
+                                                                                  r["infer_data_wait"]))
+            frac = r["train_fraction_of_peak"]
+            table.add_row(f"{name} ({r['precision']})", str(r["train_images_per_s"] or "-"),
+                          str(r["infer_images_per_s"]), waits,
+                          f"{r['train_tflops']} ({100 * frac:.1f}%)" if frac else "-")
+        console.print(table)
+        ratio = cmp["ratio"]
+        console.print(f"ours / naive: training x{ratio['train'] or '-'}, inference x{ratio['inference']}")
+
+
+@app.command("bench-store")
+def bench_store_cmd(
+    images: int = typer.Option(512, "--images", help="Synthetic photo-like 256 px images to store."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Decode threads (default: the usable cores)."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    step_ms: Optional[float] = typer.Option(None, "--step-ms", help="A train step's time on your device, ms "
+                                            "(default: ViT-B/16 batch 128 on an H100 and on a 2-core CPU)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (cuda adds nvJPEG decoding)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Raw uint8 store against a JPEG store: disk per image and the time to make one training batch (memmap
+    gather; JPEG decoded by torchvision or PIL on CPU threads, or by nvJPEG on CUDA), whether each decoder releases
+    the GIL, and the decode workers each needs for data wait under 5% of a step.
+
+    Example: [bold]cilbench bench-store --images 1024 --step-ms 130[/]
+    """
+    from cilbench.bench_store import bench_store, format_table
+    from cilbench.engine.runner import pick_device
+
+    for flag, value in (("--images", images), ("--batch-size", batch_size), ("--threads", threads or 1)):
+        if value < 1:
+            raise CilbenchError(f"{flag} must be at least 1, not {value}")
+    result = bench_store(images=images, batch_size=batch_size, threads=threads, device=pick_device(device),
+                         step_ms=step_ms)
+    if as_json:
+        _print_json(result)
+        return
+    console.print(format_table(result), markup=False, highlight=False, soft_wrap=True)
 
 
 class _progress:

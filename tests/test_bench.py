@@ -46,3 +46,40 @@ def test_bench_runs_the_first_tasks_before_fit_and_counts_every_forward(cli, met
     assert res.code == 0, res.err
     [mode] = json.loads(res.out)["modes"]
     assert mode["train_gflop_per_image"] > mode["infer_gflop_per_image"] > 0
+
+
+def test_bench_compare_naive_times_both_pipelines_end_to_end(cli):
+    """Ours (uint8 store, device transform, batched experts) against the PILOT-style JPEG DataLoader (float32,
+    sequential experts), with one loader process; the ratios are the quotients of the reported images/s."""
+    res = cli("bench", "cicae", "--backbone", "vit-tiny", "--steps", "1", "--warmup", "0", "--compare-naive",
+              "--workers", "1", "--json")
+    assert res.code == 0, res.err
+    out = json.loads(res.out)
+    assert [m["mode"] for m in out["modes"]] == ["batched", "sequential"]  # the usual result is all still there
+    cmp = out["compare_naive"]
+    ours, naive = cmp["ours"], cmp["naive"]
+    assert (ours["batched_experts"], naive["batched_experts"]) == (True, False)
+    assert (ours["precision"], naive["precision"]) == ("float32", "float32")  # bf16 on CUDA only
+    assert cmp["jpeg_quality"] == 95 and cmp["workers"] == 1 and cmp["images"] == 32 and cmp["image_size"] == 36
+    for r in (ours, naive):
+        assert r["train_images_per_s"] > 0 and r["infer_images_per_s"] > 0 and r["train_tflops"] > 0
+        assert 0 <= r["train_data_wait"] < 1 and 0 <= r["infer_data_wait"] < 1
+        assert r["train_fraction_of_peak"] > 0
+    assert abs(ours["train_gflop_per_image"] - naive["train_gflop_per_image"]) < 0.01 * naive["train_gflop_per_image"]
+    assert cmp["ratio"] == {"train": round(ours["train_images_per_s"] / naive["train_images_per_s"], 3),
+                            "inference": round(ours["infer_images_per_s"] / naive["infer_images_per_s"], 3)}
+
+
+def test_bench_compare_naive_without_training_and_its_table(cli):
+    args = ("bench", "simplecil", "--backbone", "vit-tiny", "--steps", "1", "--warmup", "0", "--compare-naive",
+            "--workers", "0")
+    res = cli(*args, "--json")
+    assert res.code == 0, res.err
+    cmp = json.loads(res.out)["compare_naive"]
+    assert cmp["ours"]["train_images_per_s"] is None and cmp["naive"]["train_images_per_s"] is None
+    assert cmp["ratio"]["train"] is None
+    assert cmp["ratio"]["inference"] == round(cmp["ours"]["infer_images_per_s"] / cmp["naive"]["infer_images_per_s"],
+                                              3)
+    res = cli(*args)
+    assert res.code == 0, res.err
+    assert "│ ours" in res.out and "│ naive" in res.out and "ours / naive: training x-, inference x" in res.out
