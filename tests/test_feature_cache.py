@@ -139,3 +139,17 @@ def test_a_later_process_reads_the_chunks_and_skips_a_malformed_one_with_a_word(
     assert torch.equal(got, want[[1, 0]]) and later.stats.encoded == 0
     assert len(later.stats.skipped) == 2 and len(warnings) == 2 and all("skipping" in w for w in warnings)
     assert len(later.stats.chunks_read) == 1
+
+
+def test_the_folder_stays_under_its_bound_by_dropping_the_keys_unused_longest(toy, tmp_path):
+    images, model, enc, transform = toy
+    cache = FeatureCache(tmp_path, torch.device("cpu"), limit_bytes=0)  # every other key must go
+    for source in ("toy:a:test", "toy:b:test"):
+        cache.register(images, source)
+        cache.features(enc, _data(images, [0, 1]), transform, batch_size=4)
+    assert len(list(tmp_path.glob("??/*"))) == 2  # both are this run's: kept
+    later = FeatureCache(tmp_path, torch.device("cpu"), limit_bytes=0)
+    later.register(images, "toy:c:test")
+    later.features(enc, _data(images, [0]), transform, batch_size=4)
+    [kept] = tmp_path.glob("??/*")
+    assert json.loads((kept / "key.json").read_text())["source"] == "toy:c:test"

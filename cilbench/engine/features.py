@@ -17,6 +17,7 @@ On disk (``<cache>/features/<key>/``) each computation adds one ``.npz`` chunk (
 atomically; concurrent runs only ever add chunks. Chunks are read with ``allow_pickle=False`` and checked (shapes,
 dtype, rows inside the store); a malformed chunk is skipped with a warning, and every chunk a run reads is named with
 its sha256 in the run record (``feature_cache``), so features from a folder never enter a number without a word.
+The folder is kept under ``$CILBENCH_FEATURE_CACHE_GB`` (default 20 GB) by removing the keys unused longest.
 
 Features of reused rows are bit-identical to the ones first computed; compared with no cache, an image may be
 encoded in another batch composition, which moves float32 features by rounding only.
@@ -30,6 +31,7 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,6 +48,19 @@ from cilbench.utils import atomic_write_text, package_versions
 
 
 _file_digests: dict[str, str] = {}
+
+
+DEFAULT_LIMIT_GB = 20.0
+
+
+def default_limit() -> int:
+    """The folder's size bound: ``$CILBENCH_FEATURE_CACHE_GB`` gigabytes (default 20)."""
+    text = os.environ.get("CILBENCH_FEATURE_CACHE_GB", "")
+    try:
+        gb = float(text) if text else DEFAULT_LIMIT_GB
+    except ValueError:
+        gb = DEFAULT_LIMIT_GB
+    return int(max(gb, 0.0) * 1e9)
 
 
 @functools.lru_cache(maxsize=1)
@@ -119,8 +134,10 @@ class CacheStats:
 class FeatureCache:
     """Features of registered stores' rows by key; ``folder=None`` keeps them for this process only."""
 
-    def __init__(self, folder: Path | None, device: torch.device, warn: Callable[[str], None] = lambda s: None):
+    def __init__(self, folder: Path | None, device: torch.device, warn: Callable[[str], None] = lambda s: None,
+                 limit_bytes: int | None = None):
         self.folder, self.device, self.warn = folder, device, warn
+        self.limit_bytes = limit_bytes if limit_bytes is not None else default_limit()
         self._sources: dict[int, tuple[Any, str]] = {}
         self._entries: dict[str, _Entry] = {}
         self.stats = CacheStats()
@@ -184,6 +201,8 @@ class FeatureCache:
         folder = self._dir(entry.key)
         if folder is None or not folder.is_dir():
             return
+        with contextlib.suppress(OSError):
+            os.utime(folder)  # last used: eviction removes the keys unused longest
         for path in sorted(folder.glob("chunk-*.npz")):
             try:
                 blob = path.read_bytes()
@@ -223,11 +242,27 @@ class FeatureCache:
                 np.savez(f, **arrays)
             os.replace(tmp, folder / f"chunk-{digest}.npz")
             tmp = None
+            os.utime(folder)
+            self._evict()
         except OSError as err:  # a read-only or full cache only costs the reuse, never the run
             self.warn(f"could not write the feature cache in {folder}: {err.strerror or err}")
         finally:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
+
+    def _evict(self) -> None:
+        """Keep the folder under ``limit_bytes``: remove whole keys, least recently used first, never one this
+        run uses (a trained encoder makes a new key per run, so without a bound the folder only grows)."""
+        keys = [d for d in self.folder.glob("??/*") if d.is_dir()]
+        sizes = {d: sum(f.stat().st_size for f in d.iterdir() if f.is_file()) for d in keys}
+        total = sum(sizes.values())
+        for d in sorted(keys, key=lambda d: d.stat().st_mtime):
+            if total <= self.limit_bytes:
+                break
+            if d.name in self._entries:
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            total -= sizes[d]
 
     def record(self) -> dict[str, Any]:
         """What the run record keeps: the folder, each key used, counts, and every chunk read with its sha256."""
