@@ -66,6 +66,10 @@ def test_zeroshot_clip_fills_the_full_mtil_matrix(cli, tmp_path):
     m = np.array(rec["accuracy_matrix"], dtype=float)
     assert m.shape == (4, 4) and not np.isnan(m).any()
     assert np.allclose(m, m[0])  # no training: every row is the same
+    # the frozen image tower encodes each test image at most once over the 4 rows (not once per row)
+    tasks = rec["timings"]["tasks"]
+    assert all(t["features_encoded"] + t["features_reused"] == sum(rec["test_counts"]) for t in tasks)
+    assert sum(t["features_encoded"] for t in tasks) <= sum(rec["test_counts"])
     expected = metrics.mtil_metrics(rec["accuracy_matrix"])
     assert rec["metrics"]["transfer"] == pytest.approx(expected["transfer"])
     assert rec["metrics"]["last"] == pytest.approx(m[-1].mean())

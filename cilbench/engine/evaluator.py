@@ -79,32 +79,34 @@ def evaluate_row(method, scenario, row: int, test: list[TaskData], transform: Im
         correct.setdefault(name, [None] * n_tasks)
         correct[name][j] = (correct[name][j] or 0) + value
 
-    if scenario.kind == "cil":
-        # one pass over the test images of all seen tasks, argmax over all seen classes
-        seen = torch.tensor(scenario.seen_classes(row), device=device)
-        data = TaskData.concat(test[: row + 1])
-        which_task = np.concatenate([np.full(len(t), j) for j, t in enumerate(test[: row + 1])])
-        if getattr(method, "eval_order", "store") == "class":
-            # test images sorted by class (PILOT's test sets are built class by class): a method that chooses its
-            # prompts per batch (L2P, DualPrompt) then sees batches of one or two classes, as there
-            order = np.argsort(data.labels, kind="stable")
-            data = TaskData(data.images, data.indices[order], data.labels[order])
-            which_task = which_task[order]
-        hits: dict[str, np.ndarray] = {}
-        for rows, labels, preds in predictions(data, seen):
-            for name, pred in preds.items():
-                hits.setdefault(name, np.zeros(len(data), dtype=bool))[rows] = (pred == labels).cpu().numpy()
-            images += len(rows)
-        for name, h in hits.items():
-            for j in range(row + 1):
-                count(name, j, int(h[which_task == j].sum()))
-    else:
-        for j, task in enumerate(scenario.tasks):
-            classes = torch.tensor(task.classes, device=device)
-            for rows, labels, preds in predictions(test[j], classes):
+    # no training within a row: a cached encoder's weights are hashed once for all its lookups
+    with features.pinned(enc) if enc is not None else contextlib.nullcontext():
+        if scenario.kind == "cil":
+            # one pass over the test images of all seen tasks, argmax over all seen classes
+            seen = torch.tensor(scenario.seen_classes(row), device=device)
+            data = TaskData.concat(test[: row + 1])
+            which_task = np.concatenate([np.full(len(t), j) for j, t in enumerate(test[: row + 1])])
+            if getattr(method, "eval_order", "store") == "class":
+                # test images sorted by class (PILOT's test sets are built class by class): a method that chooses its
+                # prompts per batch (L2P, DualPrompt) then sees batches of one or two classes, as there
+                order = np.argsort(data.labels, kind="stable")
+                data = TaskData(data.images, data.indices[order], data.labels[order])
+                which_task = which_task[order]
+            hits: dict[str, np.ndarray] = {}
+            for rows, labels, preds in predictions(data, seen):
                 for name, pred in preds.items():
-                    count(name, j, int((pred == labels).sum()))
+                    hits.setdefault(name, np.zeros(len(data), dtype=bool))[rows] = (pred == labels).cpu().numpy()
                 images += len(rows)
+            for name, h in hits.items():
+                for j in range(row + 1):
+                    count(name, j, int(h[which_task == j].sum()))
+        else:
+            for j, task in enumerate(scenario.tasks):
+                classes = torch.tensor(task.classes, device=device)
+                for rows, labels, preds in predictions(test[j], classes):
+                    for name, pred in preds.items():
+                        count(name, j, int((pred == labels).sum()))
+                    images += len(rows)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     main = correct.pop("", [None] * n_tasks)

@@ -141,6 +141,7 @@ class FeatureCache:
         self._sources: dict[int, tuple[Any, str]] = {}
         self._entries: dict[str, _Entry] = {}
         self.stats = CacheStats()
+        self._pinned: dict[int, str] = {}
         self.keys: dict[str, dict[str, Any]] = {}  # key -> what it covers, for the run record
 
     def register(self, images: Any, source: str) -> None:
@@ -148,8 +149,19 @@ class FeatureCache:
         cached; rows of arrays never registered (an exemplar memory across stores) are encoded every time."""
         self._sources[id(images)] = (images, source)
 
+    @contextlib.contextmanager
+    def pinned(self, enc: Encoder):
+        """A block in which ``enc``'s weights do not change (one evaluation row over many datasets): they are
+        hashed once for the block instead of at every lookup."""
+        self._pinned[id(enc)] = weights_digest(enc.modules)
+        try:
+            yield enc
+        finally:
+            self._pinned.pop(id(enc), None)
+
     def key(self, enc: Encoder, source: str, transform: Any, precision: str) -> str:
-        parts = dict(encoder=enc.name, weights=weights_digest(enc.modules), code=code_digest(enc), versions=_versions(),
+        weights = self._pinned.get(id(enc)) or weights_digest(enc.modules)
+        parts = dict(encoder=enc.name, weights=weights, code=code_digest(enc), versions=_versions(),
                      transform=repr(transform), precision=precision, device=self.device.type, source=source)
         key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
         self.keys.setdefault(key, {k: parts[k] for k in ("encoder", "source", "precision", "device")})

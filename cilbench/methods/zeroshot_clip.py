@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cilbench.methods.base import TRAINING_SETTINGS, Method, TrainConfig, register_method
+from cilbench.methods.base import TRAINING_SETTINGS, Encoder, Method, TrainConfig, register_method
 from cilbench.models.clip_text import scenario_text_classifier
 
 
@@ -48,6 +48,9 @@ class ZeroShotCLIP(Method):
             self._text = scenario_text_classifier(self.backbone, self.scenario, device, mode)
         return self._text
 
-    def logits(self, images, classes):
-        image = F.normalize(self.backbone(images).float(), dim=-1)
-        return self.cfg.logit_scale * image @ self.text(images.device)[classes].T
+    def feature_encoder(self):  # the frozen image tower: each test image is encoded once, not once per row
+        return Encoder("clip image", self.backbone, (self.backbone,))
+
+    def feature_logits(self, feats, classes):
+        image = F.normalize(feats.float(), dim=-1)
+        return self.cfg.logit_scale * image @ self.text(feats.device)[classes].T
