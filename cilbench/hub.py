@@ -95,15 +95,23 @@ def ensure_hub_or_offline() -> bool:
     """True when the hub can be used; otherwise set offline mode for this process and return False."""
     for name in ("huggingface_hub", "huggingface_hub.utils._http", "datasets", "timm"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    if offline_reason():
+    if offline_reason():  # set in the environment, maybe after huggingface_hub read it at import: tell it again
+        _library_offline()
         return False
     if hub_reachable():
         return True
     os.environ["HF_HUB_OFFLINE"] = "1"
-    try:  # libraries that read the flag at import time
+    _library_offline()
+    return False
+
+
+def _library_offline() -> None:
+    """Offline mode for a huggingface_hub imported already: it reads ``HF_HUB_OFFLINE`` once, at import time, so a
+    process that set the variable later (a notebook; a test fixture after timm was imported) would still try the
+    network and wait for its timeouts."""
+    try:
         import huggingface_hub.constants as c
 
         c.HF_HUB_OFFLINE = True
     except Exception:
         pass
-    return False

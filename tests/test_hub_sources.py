@@ -365,3 +365,17 @@ def test_a_name_lookup_that_hangs_counts_as_an_unreachable_hub(monkeypatch):
     finally:
         release.set()
         hub.hub_reachable.cache_clear()
+
+
+def test_offline_set_after_the_hub_library_was_imported_still_reaches_it(monkeypatch):
+    """huggingface_hub reads HF_HUB_OFFLINE once, at import: a process that sets the variable later (a notebook, or
+    this suite, whose fixture sets it after timm was imported at collection) must not try the network and wait for
+    its timeouts (47 s in this suite before the fix)."""
+    import huggingface_hub.constants as c
+
+    from cilbench import hub
+
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub.ensure_hub_or_offline() is False
+    assert c.HF_HUB_OFFLINE is True
