@@ -628,8 +628,11 @@ def _print_summary(record: dict, path: Path) -> None:
     t = record["timings"]
     train_s = sum(x["train_s"] for x in t["tasks"])
     eval_s = sum(x["eval_s"] for x in t["tasks"])
+    fc = record.get("feature_cache") or {}
+    cached = f", features {fc['encoded_images']} encoded / {fc['reused_images']} reused" \
+        if fc.get("encoded_images", 0) + fc.get("reused_images", 0) else ""
     console.print(f"[bold green]{record['method']}[/] {record['dataset']} {record['scenario']}: {line}\n"
-                  f"train {train_s:.1f}s, eval {eval_s:.1f}s, total {t['total_s']:.1f}s -> {path}")
+                  f"train {train_s:.1f}s, eval {eval_s:.1f}s{cached}, total {t['total_s']:.1f}s -> {path}")
 
 
 # ---------------------------------------------------------------- metrics, table, check

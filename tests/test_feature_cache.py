@@ -49,6 +49,7 @@ def test_a_second_simplecil_run_encodes_nothing_and_scores_the_same(cli, tmp_pat
     assert b["feature_cache"]["encoded_images"] == 0 and b["feature_cache"]["reused_images"] == sum(encoded) + \
         sum(reused)
     assert "reused the features of" in second.out and "--no-feature-cache" in second.out
+    assert f"features {sum(encoded)} encoded / {sum(reused)} reused" in first.out.replace("\n", " ")
     for chunk in b["feature_cache"]["chunks_read"]:  # every chunk read is named with its sha256
         assert hashlib.sha256(Path(chunk["file"]).read_bytes()).hexdigest() == chunk["sha256"]
     assert sum(c["rows"] for c in b["feature_cache"]["chunks_read"]) == sum(encoded)
