@@ -29,6 +29,7 @@ import contextlib
 import functools
 import hashlib
 import inspect
+import io
 import json
 import os
 import shutil
@@ -46,10 +47,6 @@ from cilbench.engine.loader import BatchStream, TaskData
 from cilbench.methods.contract import Encoder
 from cilbench.utils import atomic_write_text, package_versions
 
-
-_file_digests: dict[str, str] = {}
-
-
 DEFAULT_LIMIT_GB = 20.0
 
 
@@ -66,6 +63,9 @@ def default_limit() -> int:
 @functools.lru_cache(maxsize=1)
 def _versions() -> dict[str, str | None]:
     return package_versions(("cilbench", "torch", "timm", "open_clip_torch"))
+
+
+_file_digests: dict[str, str] = {}
 
 
 def _file_digest(path: str | None) -> str:
@@ -117,7 +117,6 @@ class _Entry:
     key: str
     pos: np.ndarray
     feats: torch.Tensor | None = None
-    loaded: bool = False
 
 
 @dataclass
@@ -217,8 +216,8 @@ class FeatureCache:
             os.utime(folder)  # last used: eviction removes the keys unused longest
         for path in sorted(folder.glob("chunk-*.npz")):
             try:
-                blob = path.read_bytes()
-                with np.load(path, allow_pickle=False) as z:
+                blob = path.read_bytes()  # parsed from these bytes: the sha256 recorded is of what was used
+                with np.load(io.BytesIO(blob), allow_pickle=False) as z:
                     rows, feats = z["rows"], z["feats"]
                 dim = entry.feats.shape[1] if entry.feats is not None else None
                 bad = (rows.ndim != 1 or rows.dtype != np.int64 or feats.ndim != 2 or feats.dtype != np.float32
@@ -265,10 +264,14 @@ class FeatureCache:
     def _evict(self) -> None:
         """Keep the folder under ``limit_bytes``: remove whole keys, least recently used first, never one this
         run uses (a trained encoder makes a new key per run, so without a bound the folder only grows)."""
-        keys = [d for d in self.folder.glob("??/*") if d.is_dir()]
-        sizes = {d: sum(f.stat().st_size for f in d.iterdir() if f.is_file()) for d in keys}
+        try:
+            keys = [d for d in self.folder.glob("??/*") if d.is_dir()]
+            sizes = {d: sum(f.stat().st_size for f in d.iterdir() if f.is_file()) for d in keys}
+            used = {d: d.stat().st_mtime for d in keys}
+        except OSError:  # another run evicting at the same time: leave it to that one
+            return
         total = sum(sizes.values())
-        for d in sorted(keys, key=lambda d: d.stat().st_mtime):
+        for d in sorted(keys, key=used.__getitem__):
             if total <= self.limit_bytes:
                 break
             if d.name in self._entries:
