@@ -307,3 +307,34 @@ def test_resume_after_sigkill_gives_identical_numbers(tmp_path, method):
 
 def _without_seconds(log: list[dict]) -> list[dict]:
     return [dict(t, phases={k: {**v, "seconds": 0} for k, v in t["phases"].items()}) for t in log]
+
+
+def test_ease_subspace_encoders_match_the_batched_pass_and_depend_on_their_own_adapter_only():
+    """EASE's feature encoders (cached per subspace): the same features as its one batched pass, and subspace k's
+    key moves with adapter k (and the frozen ViT), never with another adapter: a test image is encoded in an old
+    subspace once, not after every later task."""
+    from cilbench.engine.features import weights_digest
+
+    torch.manual_seed(0)
+    scenario = _scenario(3, 2)
+    method = EASE(EASE.Config(use_init_ptm=True), build_backbone("vit-tiny", pretrained=False), scenario).eval()
+    for task in scenario.tasks:
+        method.before_task(task)
+    for k in range(3):  # trained adapters are not zero
+        for p in method.vit.expert_parameters(k):
+            torch.nn.init.normal_(p, std=0.05)
+    images = torch.rand(4, 3, 32, 32)
+    encoders = method.feature_encoder()
+    assert [e.name for e in encoders] == ["ease plain"] + ["ease adapter"] * 3  # the PTM's subspace first
+    with torch.no_grad():
+        separate = torch.stack([e(images) for e in encoders], 1)
+        torch.testing.assert_close(separate, method.features(images).transpose(0, 1), rtol=1e-4, atol=1e-5)
+        classes = torch.arange(6)
+        method.prototypes.normal_()
+        torch.testing.assert_close(method.feature_logits(separate, classes), method.logits(images, classes),
+                                   rtol=1e-4, atol=1e-5)
+    digests = [weights_digest(e.tensors()) for e in encoders]
+    with torch.no_grad():
+        method.vit.expert_parameters(2)[0].add_(1.0)  # the newest adapter moves: only its subspace's key
+    assert [weights_digest(e.tensors()) for e in encoders] == digests[:3] + [weights_digest(encoders[3].tensors())]
+    assert weights_digest(encoders[3].tensors()) != digests[3]

@@ -1,14 +1,15 @@
 """Frozen-feature cache: each image is encoded once per (encoder weights, code, transform, precision, data).
 
-A method whose scores are a light head over a frozen feature function (SimpleCIL's backbone; APER's and RanPAC's
-adapted backbone after their first task) declares it as an ``Encoder`` (``Method.feature_encoder``). The evaluator
+A method whose scores are a light head over frozen feature functions (SimpleCIL's backbone; APER's and RanPAC's
+adapted backbone after their first task; zero-shot CLIP's image tower; EASE's subspaces, each the frozen ViT with
+one adapter that no later task changes) declares them as ``Encoder``s (``Method.feature_encoder``). The evaluator
 and ``ctx.features`` then ask this cache for the features of a ``TaskData`` instead of running the encoder:
 rows encoded before under the same key are reused, only the others run. Without it, every evaluation re-encodes the
 test images of every seen task, T(T+1)/2 passes over a task's test set in a T-task run (as LAMDA-PILOT does);
 with it, T.
 
 The key is a sha256 of everything the features depend on: the encoder's name, the bytes of every weight and
-buffer of its modules, the source files of its modules' classes and of its function, the package versions, the
+buffer of its modules (or of its narrower ``state``: EASE's subspace k reads adapter k only), the source files of its modules' classes and of its function, the package versions, the
 transform, the arithmetic (float32 or bf16 autocast) and device type, and the store's content hash and split. The
 weights are hashed at every lookup (a feature pass, an evaluation), so even a write torch does not count (through
 ``.data``) makes a new key. Any change is a new key: nothing is invalidated in place, no stale feature is read.
@@ -94,20 +95,25 @@ def code_digest(enc: Encoder) -> str:
     return hashlib.sha256(json.dumps(sorted((str(f), _file_digest(f)) for f in files)).encode()).hexdigest()
 
 
-def weights_digest(modules: tuple[nn.Module, ...]) -> str:
-    """sha256 over the name, dtype, shape and bytes of every weight and buffer of ``modules``, hashed afresh at
-    every call: no version counter can be trusted to have seen a write (torch does not count writes through
-    ``.data``). Tensors are hashed on a thread pool (hashlib releases the GIL): ~0.3 s of one core per ViT-B/16."""
-    tensors = [(f"{i}.{k}", v.detach()) for i, m in enumerate(modules) for k, v in m.state_dict().items()]
+def weights_digest(tensors: dict[str, torch.Tensor], memo: dict | None = None) -> str:
+    """sha256 over the name, dtype, shape and bytes of ``tensors`` (``Encoder.tensors()``), hashed afresh at every
+    call: no version counter can be trusted to have seen a write (torch does not count writes through ``.data``).
+    Tensors are hashed on a thread pool (hashlib releases the GIL): ~0.3 s of one core per ViT-B/16. ``memo``: per
+    tensor storage, for encoders sharing frozen weights hashed together while nothing trains (``pinned``)."""
+    memo = {} if memo is None else memo
 
     def one(item: tuple[str, torch.Tensor]) -> str:
         name, v = item
-        flat = v.reshape(-1).contiguous()
-        data = flat.view(torch.uint8).cpu().numpy().tobytes() if flat.numel() else b""
-        return hashlib.sha256(f"{name}|{v.dtype}|{tuple(v.shape)}|".encode() + data).hexdigest()
+        v = v.detach()
+        ident = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride(), v.device)
+        if ident not in memo:
+            flat = v.reshape(-1).contiguous()
+            data = flat.view(torch.uint8).cpu().numpy().tobytes() if flat.numel() else b""
+            memo[ident] = hashlib.sha256(f"{v.dtype}|{tuple(v.shape)}|".encode() + data).hexdigest()
+        return f"{name}:{memo[ident]}"
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return hashlib.sha256("".join(pool.map(one, tensors)).encode()).hexdigest()
+        return hashlib.sha256("|".join(pool.map(one, tensors.items())).encode()).hexdigest()
 
 
 @dataclass
@@ -149,27 +155,36 @@ class FeatureCache:
         self._sources[id(images)] = (images, source)
 
     @contextlib.contextmanager
-    def pinned(self, enc: Encoder):
-        """A block in which ``enc``'s weights do not change (one evaluation row over many datasets): they are
-        hashed once for the block instead of at every lookup."""
-        self._pinned[id(enc)] = weights_digest(enc.modules)
+    def pinned(self, encs: Encoder | list[Encoder]):
+        """A block in which the encoders' weights do not change (one evaluation row over many datasets, one feature
+        pass of several encoders): each is hashed once for the block, and tensors they share once in all."""
+        encs = encs if isinstance(encs, list) else [encs]
+        memo: dict = {}
+        new = [enc for enc in encs if id(enc) not in self._pinned]  # an enclosing block hashed the others
+        for enc in new:
+            self._pinned[id(enc)] = weights_digest(enc.tensors(), memo)
         try:
-            yield enc
+            yield encs
         finally:
-            self._pinned.pop(id(enc), None)
+            for enc in new:
+                self._pinned.pop(id(enc), None)
 
     def key(self, enc: Encoder, source: str, transform: Any, precision: str) -> str:
-        weights = self._pinned.get(id(enc)) or weights_digest(enc.modules)
+        weights = self._pinned.get(id(enc)) or weights_digest(enc.tensors())
         parts = dict(encoder=enc.name, weights=weights, code=code_digest(enc), versions=_versions(),
                      transform=repr(transform), precision=precision, device=self.device.type, source=source)
         key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
         self.keys.setdefault(key, {k: parts[k] for k in ("encoder", "source", "precision", "device")})
         return key
 
-    def features(self, enc: Encoder, data: TaskData, transform: Any, batch_size: int,
+    def features(self, enc: Encoder | list[Encoder], data: TaskData, transform: Any, batch_size: int,
                  low_precision: bool = False) -> torch.Tensor:
         """float32 features [len(data), D] of ``data``'s rows under the eval transform, encoding only rows not
-        cached under this key (bf16 autocast on CUDA when ``low_precision``)."""
+        cached under this key (bf16 autocast on CUDA when ``low_precision``); [len(data), S, D] for a list of S
+        encoders (EASE's subspaces), each cached on its own."""
+        if isinstance(enc, list):
+            with self.pinned(enc):
+                return torch.stack([self.features(e, data, transform, batch_size, low_precision) for e in enc], 1)
         from cilbench.engine.trainer import autocast
 
         def encode(rows: np.ndarray) -> torch.Tensor:

@@ -95,13 +95,17 @@ class RunTaskContext:
                  augment: bool = False, low_precision: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Features of ``data`` (default: the task's training images) in order, test transform unless
         ``augment``, in float32 arithmetic as the official codes compute prototypes, covariances and Gram matrices;
-        ``low_precision`` allows bf16 autocast on CUDA. ``encode`` a ``contract.Encoder`` (the method's
-        ``feature_encoder``): through the run's feature cache, each image encoded once per state of its weights."""
+        ``low_precision`` allows bf16 autocast on CUDA. ``encode`` a ``contract.Encoder`` or a list of them (the
+        method's ``feature_encoder``): through the run's feature cache, each image encoded once per state of its
+        weights ([N, S, D] for S encoders)."""
         data = self.train if data is None else data
         cache = self._runner.features
-        if isinstance(encode, Encoder) and cache is not None and not augment:  # a frozen encoder: encoded once
+        encoders = encode if isinstance(encode, list) else [encode]
+        if all(isinstance(e, Encoder) for e in encoders) and cache is not None and not augment:  # encoded once
             feats = cache.features(encode, data, self.transform, self.batch_size, low_precision)
             return feats, torch.from_numpy(data.labels).to(self.device)
+        if isinstance(encode, list):  # several encoders, no cache: [N, S, D] all the same
+            encode = (lambda parts: lambda x: torch.stack([e(x) for e in parts], 1))(encode)
         return extract_features(encode, data, self.transform, self.device, self.batch_size, augment, low_precision)
 
     def fit(self, phase: Phase) -> PhaseStats:
@@ -463,9 +467,8 @@ class Runner:
         stats = self.features.stats
         if stats.chunks_read and not self._said_reuse:
             self._said_reuse = True
-            rows = sum(c["rows"] for c in stats.chunks_read)
-            self._say(f"reused the features of {rows} images cached in {self.features.folder} (same encoder "
-                      f"weights, code, transform and data); --no-feature-cache recomputes them")
+            self._say(f"reusing features an earlier run cached in {self.features.folder} (same encoder weights, "
+                      f"code, transform and data); --no-feature-cache recomputes them")
         return dict(features_encoded=stats.encoded - encoded, features_reused=stats.reused - reused)
 
     def config_label(self) -> str:

@@ -163,12 +163,14 @@ class Method(nn.Module):
         enc = self.feature_encoder()
         if enc is None:
             raise NotImplementedError(f"{type(self).__name__} has neither logits nor a feature_encoder")
-        return self.feature_logits(enc(images), classes)
+        feats = torch.stack([e(images) for e in enc], 1) if isinstance(enc, list) else enc(images)
+        return self.feature_logits(feats, classes)
 
-    def feature_encoder(self) -> Encoder | None:
-        """The frozen feature function the scores are a head over (``contract.Encoder``), when there is one now:
-        the evaluator then scores ``feature_logits`` of cached features (each test image encoded once per state of
-        the encoder's weights) and ``ctx.features(encoder)`` reuses them. None: every evaluation runs ``logits``."""
+    def feature_encoder(self) -> Encoder | list[Encoder] | None:
+        """The frozen feature function the scores are a head over (``contract.Encoder``; a list of S of them gives
+        features [B, S, D]), when there is one now: the evaluator then scores ``feature_logits`` of cached features
+        (each test image encoded once per state of the encoder's weights) and ``ctx.features(encoder)`` reuses
+        them. None: every evaluation runs ``logits``."""
         return None
 
     def feature_logits(self, feats: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

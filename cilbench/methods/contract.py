@@ -35,15 +35,24 @@ import torch.nn as nn
 @dataclass(frozen=True, eq=False)
 class Encoder:
     """A feature function whose output depends only on the input image and the weights and buffers of ``modules``
-    (no other state: no task index, no mode switch kept outside the state dict). A method that scores through one
-    (``Method.feature_encoder``) has each image encoded once per state of those weights (``engine.features``)."""
+    (or the narrower ``state``; no other state: no task index, no mode switch kept outside the state dict). A method
+    that scores through one or several (``Method.feature_encoder``) has each image encoded once per state of those
+    weights (``engine.features``)."""
 
     name: str
     fn: Callable[[torch.Tensor], torch.Tensor]
     modules: tuple[nn.Module, ...]
+    # the tensors the output depends on when fewer than the modules' whole state (one adapter of several: EASE)
+    state: Callable[[], dict[str, torch.Tensor]] | None = None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.fn(images)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the features depend on, by name."""
+        if self.state is not None:
+            return self.state()
+        return {f"{i}.{k}": v for i, m in enumerate(self.modules) for k, v in m.state_dict().items()}
 
 
 @runtime_checkable

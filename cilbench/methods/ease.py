@@ -39,9 +39,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from cilbench.methods.base import AdapterConfig, Method, register_method
+from cilbench.methods.base import AdapterConfig, Encoder, Method, register_method
 from cilbench.methods.finetune_adapter import QUICK_ADAPTER
 from cilbench.models.heads import ScaledCosineHead, class_means
 
@@ -148,7 +149,7 @@ class EASE(Method):
 
     def after_task(self, task, ctx):
         self.proxy = None
-        feats, labels = ctx.features(lambda x: self.features(x).transpose(0, 1))  # [N, S, D], test transform
+        feats, labels = ctx.features(self.feature_encoder())  # [N, S, D], test transform
         classes = torch.tensor(task.classes, device=feats.device)
         for s in range(feats.shape[1]):  # the new classes' own and older subspaces: real class means
             self.prototypes[classes, s] = class_means(feats[:, s], labels, classes).to(self.prototypes)
@@ -165,7 +166,24 @@ class EASE(Method):
                 p = self.prototypes
                 p[old, o + j] = complement(p[old, o + i], p[anchors, o + i], p[anchors, o + j])
 
-    def logits(self, images, classes):
+    def feature_encoder(self):
+        """One encoder per subspace (the PTM's with use_init_ptm, then each adapter's), each depending on the frozen
+        ViT and its own adapter only: a test image is encoded in a subspace once, not after every later task."""
+        def frozen() -> dict[str, torch.Tensor]:
+            return {k: v for k, v in self.backbone.state_dict().items() if ".adapters." not in k}
+
+        def adapter(k: int) -> Encoder:
+            own = nn.ModuleList(self.vit.expert_modules(k))
+            return Encoder("ease adapter", lambda x: self.vit(x, experts=[k])[0], (self.backbone, self.vit),
+                           state=lambda: {**frozen(), **{f"adapter.{n}": v for n, v in own.state_dict().items()}})
+
+        plain = [Encoder("ease plain", self.vit.plain, (self.backbone, self.vit), state=frozen)]
+        return (plain if self.cfg.use_init_ptm else []) + [adapter(k) for k in range(self.vit.num_experts)]
+
+    def feature_logits(self, feats, classes):  # feats [B, S, D]
         own = self.class_task[classes] + self.offset
         beta = self.cfg.beta if self.cfg.use_init_ptm else None
-        return reweighted_logits(self.features(images), self.prototypes[classes], own, self.cfg.alpha, beta)
+        return reweighted_logits(feats.transpose(0, 1), self.prototypes[classes], own, self.cfg.alpha, beta)
+
+    def logits(self, images, classes):  # all adapters in one batched pass
+        return self.feature_logits(self.features(images).transpose(0, 1), classes)
