@@ -9,10 +9,11 @@ test images of every seen task, T(T+1)/2 passes over a task's test set in a T-ta
 with it, T.
 
 The key is a sha256 of everything the features depend on: the encoder's name, the bytes of every weight and
-buffer of its modules (or of its narrower ``state``: EASE's subspace k reads adapter k only), the source files of its modules' classes and of its function, the package versions, the
-transform, the arithmetic (float32 or bf16 autocast) and device type, and the store's content hash and split. The
-weights are hashed at every lookup (a feature pass, an evaluation), so even a write torch does not count (through
-``.data``) makes a new key. Any change is a new key: nothing is invalidated in place, no stale feature is read.
+buffer of its modules (or of its narrower ``state``: EASE's subspace k reads adapter k only), the source files of
+its modules' classes and of its function, the package versions, the transform, the arithmetic (float32 or bf16
+autocast) and device type, and the store's content hash and split. The weights are hashed at every lookup (a
+feature pass, an evaluation row), so even a write torch does not count (through ``.data``) makes a new key. Any
+change is a new key: nothing is invalidated in place, no stale feature is read.
 
 On disk (``<cache>/features/<key>/``) each computation adds one ``.npz`` chunk (rows, float32 features), written
 atomically; concurrent runs only ever add chunks. Chunks are read with ``allow_pickle=False`` and checked (shapes,
