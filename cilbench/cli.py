@@ -446,7 +446,7 @@ def run(
                                          "(e.g. l2p's official): applied as --set values; your --set win."),
     feature_cache: bool = typer.Option(True, "--feature-cache/--no-feature-cache", help="Encode each image once "
                                        "per state of a method's frozen encoder (SimpleCIL, APER, RanPAC), kept in "
-                                       "<cache>/features for later runs; --no-feature-cache re-encodes every time."),
+                                       "<cache>/.features for later runs; --no-feature-cache re-encodes every time."),
     plugin: list[Path] = _plugin_option(),
 ) -> None:
     """Run one method on one benchmark and write a run record.

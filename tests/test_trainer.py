@@ -192,7 +192,8 @@ def test_the_device_guard_skips_bad_steps_as_the_host_guard_does(monkeypatch, op
 def test_ten_bad_steps_in_a_row_or_a_bad_last_step_stop_the_phase(monkeypatch, deferred):
     # the host guard stops at the 10th; the device guard reads its count every 10 steps and at the end (13 here)
     last = "13" if deferred else "10"
-    with pytest.raises(CilbenchError, match=f"training diverged on task 0: the loss was not finite for the last {last} "):
+    with pytest.raises(CilbenchError, match=f"training diverged on task 0: the loss was not finite for the last {last} "
+                                            "steps"):
         _spiky_fit(monkeypatch, deferred, "sgd", nan_at=range(2, 30), epochs=5)
     with pytest.raises(CilbenchError, match="not finite for the last 1 steps"):
         _spiky_fit(monkeypatch, deferred, "sgd", nan_at=(8,))

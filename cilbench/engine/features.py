@@ -15,7 +15,7 @@ autocast) and device type, and the store's content hash and split. The weights a
 feature pass, an evaluation row), so even a write torch does not count (through ``.data``) makes a new key. Any
 change is a new key: nothing is invalidated in place, no stale feature is read.
 
-On disk (``<cache>/features/<key>/``) each computation adds one ``.npz`` chunk (rows, float32 features), written
+On disk (``<cache>/.features/<key>/``) each computation adds one ``.npz`` chunk (rows, float32 features), written
 atomically; concurrent runs only ever add chunks. Chunks are read with ``allow_pickle=False`` and checked (shapes,
 dtype, rows inside the store); a malformed chunk is skipped with a warning, and every chunk a run reads is named with
 its sha256 in the run record (``feature_cache``), so features from a folder never enter a number without a word.

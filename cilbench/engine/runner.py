@@ -449,10 +449,12 @@ class Runner:
         return record, self.record_path
 
     def _feature_cache(self, data: ScenarioData, device: torch.device) -> FeatureCache | None:
-        """The run's frozen-feature cache over every split of its stores, kept in ``<cache>/features``."""
+        """The run's frozen-feature cache over every split of its stores, kept in ``<cache>/.features`` (no dataset
+        name starts with a dot, so no store can be in its way)."""
         if not self.opts.feature_cache:
             return None
-        cache = FeatureCache(self.cache / "features", device, lambda text: self._say(f"[yellow]warning[/]: {text}"))
+        warn = lambda text: self._say(f"[yellow]warning[/]: {text}")  # noqa: E731
+        cache = FeatureCache(self.cache / ".features", device, warn)
         for name, store in data.stores.items():
             for split in store.split_names:
                 cache.register(store.split(split).images, f"{name}:{self.data_identity[name]['content_sha256']}:"
