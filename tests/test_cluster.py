@@ -301,3 +301,21 @@ def test_status_never_loads_a_pickle_from_the_results_folder(cli, suite, tmp_pat
     st = cli("sweep", str(suite), "--results", str(out), "--quick", "--status", "--executor", "slurm")
     assert not marker.exists()  # the job's outcome comes from SLURM's state and the job's log, never a pickle
     assert "0 done, 1 queued, 0 running, 1 failed" in st.out and "failed   SimpleCIL" in st.out
+
+
+def test_a_paper_suite_goes_out_as_one_array_of_its_missing_runs(cli, tmp_path, slurm):
+    """MoE-Adapters Table 3 as shipped: every row with a method (7) x every column (10 / 20 / 50 steps) is one task
+    of one array, with the resources asked for; the rows the paper only quotes are not runs."""
+    out = tmp_path / "results"
+    res = cli("sweep", "moe-adapters-table3", "--results", str(out), "--executor", "slurm", "--partition", "a100",
+              "--gpus-per-job", "1", "--cpus", "16", "--mem", "96G", "--time", "600", "--array-parallelism", "8")
+    assert res.code == 0, res.err + res.out
+    [sub] = slurm.submissions()
+    assert sub["flags"]["array"] == "0-20%8"
+    assert (sub["flags"]["partition"], sub["flags"]["gres"], sub["flags"]["mem"]) == ("a100", "gpu:1", "96G")
+    runs = json.loads((out / ".sweeps" / "moe-adapters-table3" / "index.json").read_text())["runs"].values()
+    assert {r["row"] for r in runs} == {"CLIP Zero-shot", "Fine-tune", "LwF", "iCaRL", "LwF-VR", "ZSCL", "Ours"}
+    assert {(r["dataset"], r["scenario"]) for r in runs} == {("cifar100", s) for s in ("B0Inc10", "B0Inc5", "B0Inc2")}
+    st = cli("sweep", "moe-adapters-table3", "--results", str(out), "--status", "--executor", "slurm")
+    assert st.code == 0 and "0 done, 21 queued, 0 running, 0 failed, 0 missing" in st.out, st.out
+    assert st.out.count("queued   ") == 21 and "[job 100_20]" in st.out
