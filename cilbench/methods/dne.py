@@ -201,6 +201,26 @@ class DyToxLoss:
         return out
 
 
+def memory_finetune(method, ctx, trainable: list[nn.Parameter], frozen_params=(), frozen_modules=()) -> None:
+    """DyTox's / DNE's balanced finetuning on the exemplar memory (``ft_epochs`` at ``ft_lr``, constant, no
+    warmup; ``method._finetune_step``): only ``trainable`` learns, ``frozen_params`` are held, ``frozen_modules``
+    stay in eval mode; every ``requires_grad`` flag is restored afterwards."""
+    touched = (*frozen_params, *trainable)
+    saved = {id(p): p.requires_grad for p in touched}
+    for p in frozen_params:
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    try:
+        ctx.fit(balanced_phase(
+            "balanced", method._finetune_step, [dict(params=trainable)], method.memory.as_task_data(ctx.train),
+            epochs=method.cfg.ft_epochs, lr=method.cfg.ft_lr, schedule="constant", warmup_epochs=0,
+            frozen=tuple(frozen_modules)))
+    finally:
+        for p in touched:
+            p.requires_grad_(saved[id(p)])
+
+
 def _trunc(t: torch.Tensor) -> torch.Tensor:
     nn.init.trunc_normal_(t, std=0.02)
     return t
@@ -540,14 +560,4 @@ class DNE(DyToxLoss, Method):
         params += [p for m in (net.cab.norm1[t], net.cab.attn[t], net.cab.norm2[t], net.cab.mlp.tasks[t])
                    for p in m.parameters()]
         params += [p for key, p in net.tokens.items() if str(t) in key.split("_")]
-        saved = {id(p): p.requires_grad for p in params}
-        for p in params:
-            p.requires_grad_(True)
-        try:
-            ctx.fit(balanced_phase(
-                "balanced", self._finetune_step, [dict(params=params)], self.memory.as_task_data(ctx.train),
-                epochs=self.cfg.ft_epochs, lr=self.cfg.ft_lr, schedule="constant", warmup_epochs=0,
-                frozen=(net.patch, net.blocks)))
-        finally:
-            for p in params:
-                p.requires_grad_(saved[id(p)])
+        memory_finetune(self, ctx, params, frozen_modules=(net.patch, net.blocks))

@@ -126,11 +126,10 @@ import torch.nn as nn
 
 from cilbench.data.memory import ExemplarMemory
 from cilbench.errors import CilbenchError
-from cilbench.methods.balanced import balanced_phase
 from cilbench.methods.base import Method, register_method
 from cilbench.methods.contract import StepOutput
 from cilbench.methods.dne import (QUICK_DYTOX, DyToxLoss, DyToxRecipe, SliceAttention, _drop_path, _linear,
-                                  _shape_of, _trunc)
+                                  _shape_of, _trunc, memory_finetune)
 from cilbench.models.teacher import Teacher
 
 
@@ -349,16 +348,4 @@ class DyTox(DyToxLoss, Method):
         encoder = [net.patch, *net.sabs]  # freeze_ft: [sab] (patch + positional embeddings and the SABs)
         frozen = [*net.patch.parameters(), net.pos, *net.sabs.parameters()]
         params = [*net.tab.parameters(), *net.tokens.parameters(), *net.heads.parameters()]
-        saved = {id(p): p.requires_grad for p in (*frozen, *params)}
-        for p in frozen:
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        try:
-            ctx.fit(balanced_phase(
-                "balanced", self._finetune_step, [dict(params=params)], self.memory.as_task_data(ctx.train),
-                epochs=self.cfg.ft_epochs, lr=self.cfg.ft_lr, schedule="constant", warmup_epochs=0,
-                frozen=encoder))
-        finally:
-            for p in (*frozen, *params):
-                p.requires_grad_(saved[id(p)])
+        memory_finetune(self, ctx, params, frozen, encoder)
