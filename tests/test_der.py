@@ -13,15 +13,14 @@ from cilbench.engine.loader import TaskData
 from cilbench.methods.balanced import balanced_counts, balanced_phase, balanced_subset, scaled_lr
 from cilbench.methods.contract import Batch, StepOutput
 
+from _toy import toy_scenario
+
 
 def _der(num_classes=6, per_task=2, **cfg):
-    from cilbench.data.scenario import Scenario, Task
     from cilbench.methods.der import DER
     from cilbench.models.backbones import build_backbone
 
-    tasks = [Task(t, f"task {t}", "toy", tuple(range(t * per_task, (t + 1) * per_task)),
-                  tuple(range(t * per_task, (t + 1) * per_task))) for t in range(num_classes // per_task)]
-    scenario = Scenario("cil", "toy", f"B0Inc{per_task}", num_classes, tasks)
+    scenario = toy_scenario(num_classes, per_task)
     torch.manual_seed(0)
     return DER(DER.Config(memory_size=8, **cfg), build_backbone("resnet-tiny", pretrained=False), scenario), scenario
 

@@ -10,26 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from cilbench.data.scenario import Scenario, Task
 from cilbench.methods.contract import Batch
 from cilbench.methods.dne import DNE, DNEViT, SplitBlock
 from cilbench.models.backbones import build_backbone
 
+from _toy import randomise, toy_scenario
+
 
 def _dne(num_classes=6, per_task=2, **cfg):
-    tasks = [Task(t, f"task {t}", "toy", tuple(range(t * per_task, (t + 1) * per_task)),
-                  tuple(range(t * per_task, (t + 1) * per_task))) for t in range(num_classes // per_task)]
-    scenario = Scenario("cil", "toy", f"B0Inc{per_task}", num_classes, tasks)
+    scenario = toy_scenario(num_classes, per_task)
     torch.manual_seed(0)
     config = DNE.Config(**{**dict(first_heads=2, head_dim=8, depth=2, patch_size=8, memory_size=4), **cfg})
     return DNE(config, build_backbone("vit-tiny", pretrained=False), scenario), scenario
-
-
-def _randomise(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def test_shape_comes_from_the_backbone_and_the_paper_defaults():
@@ -57,7 +49,7 @@ def test_a_new_tasks_attention_sees_only_its_own_slice():
     torch.manual_seed(0)
     blk = SplitBlock(2, 8, 4, class_attn=False, drop_path=0.0, lambda_mode="head", ta_norm=True, qk_dim2=8)
     blk.expand(1)
-    _randomise(blk, 1)
+    randomise(blk, 1)
     with torch.no_grad():  # the old task's attention adds nothing, so its slice stays local to each patch:
         blk.attn[0].proj.weight.zero_()  # any spreading across patches would then come from the new attention
         blk.attn[0].proj.bias.zero_()
@@ -77,7 +69,7 @@ def test_a_new_tasks_attention_sees_only_its_own_slice():
     # the class-attention block: a token's new slice reads the patches' new slice only
     cab = SplitBlock(2, 8, 4, class_attn=True, drop_path=0.0, lambda_mode="head", ta_norm=True, qk_dim2=8)
     cab.expand(1)
-    _randomise(cab, 2)
+    randomise(cab, 2)
     cab.eval()
     tok = [torch.randn(2, 1, 16), torch.randn(2, 1, 8)]
     out = cab(tok, ctx=[x0, x1])
@@ -88,7 +80,7 @@ def test_a_new_tasks_attention_sees_only_its_own_slice():
 def test_old_parts_are_unchanged_after_training_a_new_task():
     method, scenario = _dne(drop_path=0.1)
     method.before_task(scenario.tasks[0])
-    _randomise(method, 3)
+    randomise(method, 3)
     images = torch.rand(6, 3, 32, 32)
     method.eval()
     with torch.no_grad():

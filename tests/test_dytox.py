@@ -16,29 +16,18 @@ from cilbench.methods.contract import Batch
 from cilbench.methods.dytox import Block, DyTox, DyToxNet, TaskAttention
 from cilbench.models.backbones import build_backbone
 
-
-def _scenario(num_classes=6, per_task=2) -> Scenario:
-    tasks = [Task(t, f"task {t}", "toy", tuple(range(t * per_task, (t + 1) * per_task)),
-                  tuple(range(t * per_task, (t + 1) * per_task))) for t in range(num_classes // per_task)]
-    return Scenario("cil", "toy", f"B0Inc{per_task}", num_classes, tasks)
+from _toy import randomise, toy_scenario
 
 
 def _dytox(num_classes=6, per_task=2, **cfg):
-    scenario = _scenario(num_classes, per_task)
+    scenario = toy_scenario(num_classes, per_task)
     torch.manual_seed(0)
     config = DyTox.Config(**{**dict(memory_size=4), **cfg})
     return DyTox(config, build_backbone("vit-tiny", pretrained=False), scenario), scenario
 
 
-def _randomise(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
-
-
 def test_shape_comes_from_the_backbone_and_the_defaults():
-    method = DyTox(DyTox.Config(), build_backbone("vit-scratch-cifar", pretrained=False), _scenario())
+    method = DyTox(DyTox.Config(), build_backbone("vit-scratch-cifar", pretrained=False), toy_scenario())
     net = method.net
     assert net.width == 384 and net.patch_size == 4 and net.num_patches == 64
     assert len(net.sabs) == 5 and net.tab.task_attn and not net.sabs[0].task_attn  # 5 SABs + 1 TAB
@@ -58,7 +47,7 @@ def test_task_attention_matches_a_hand_computation():
     C, H = 4, 2
     d = C // H
     attn = TaskAttention(C, H, qkv_bias=False)
-    _randomise(attn, 1)
+    randomise(attn, 1)
     x = torch.randn(1, 1 + 3, C)  # the task token, then 3 patch tokens
     Wq, Wk, Wv = attn.q.weight, attn.kv.weight[:C], attn.kv.weight[C:]
     heads = []
@@ -76,7 +65,7 @@ def test_task_attention_matches_a_hand_computation():
     torch.testing.assert_close(attn(x[:, [0, 3, 1, 2]]), out)
     # the block: LayerNorm over [token, patches], residual and MLP on the token only
     blk = Block(C, H, 2, 0.0, task_attn=True, qkv_bias=False).eval()
-    _randomise(blk, 2)
+    randomise(blk, 2)
     token, patches = x[:, :1], x[:, 1:]
     y = token + blk.attn(blk.norm1(torch.cat([token, patches], dim=1)))
     torch.testing.assert_close(blk(patches, token=token), y + blk.mlp(blk.norm2(y)))
@@ -85,7 +74,7 @@ def test_task_attention_matches_a_hand_computation():
 def test_old_task_tokens_and_heads_are_unchanged_after_training_a_new_task():
     method, scenario = _dytox(drop_path=0.1)
     method.before_task(scenario.tasks[0])
-    _randomise(method, 3)
+    randomise(method, 3)
     images = torch.rand(6, 3, 32, 32)
     method.eval()
     with torch.no_grad():
@@ -135,7 +124,7 @@ def test_encoder_and_decoder_are_shared_by_the_tasks():
     calls = {"sab": 0, "tab": 0}
     hooks = [net.sabs[0].register_forward_hook(lambda *a: calls.__setitem__("sab", calls["sab"] + 1)),
              net.tab.register_forward_hook(lambda *a: calls.__setitem__("tab", calls["tab"] + 1))]
-    _randomise(method, 4)
+    randomise(method, 4)
     method.eval()
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():

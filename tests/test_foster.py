@@ -16,18 +16,17 @@ from cilbench.engine.loader import TaskData
 from cilbench.errors import CilbenchError
 from cilbench.methods.contract import Batch, StepOutput
 
+from _toy import toy_scenario
+
 STORE = np.zeros((64, 4, 4, 3), np.uint8)  # one store for every task, so memory rows stay valid
 PER_CLASS = 6
 
 
 def _foster(num_classes=6, per_task=2, **cfg):
-    from cilbench.data.scenario import Scenario, Task
     from cilbench.methods.foster import FOSTER
     from cilbench.models.backbones import build_backbone
 
-    tasks = [Task(t, f"task {t}", "toy", tuple(range(t * per_task, (t + 1) * per_task)),
-                  tuple(range(t * per_task, (t + 1) * per_task))) for t in range(num_classes // per_task)]
-    scenario = Scenario("cil", "toy", f"B0Inc{per_task}", num_classes, tasks)
+    scenario = toy_scenario(num_classes, per_task)
     torch.manual_seed(0)
     cfg = {"memory_size": 8, "compression_epochs": 1, **cfg}
     return FOSTER(FOSTER.Config(**cfg), build_backbone("resnet-tiny", pretrained=False), scenario), scenario

@@ -21,6 +21,8 @@ from cilbench.methods.base import TrainConfig
 from cilbench.methods.contract import Batch, Phase, StepOutput
 from cilbench.plan import RunOptions
 
+from _toy import toy_scenario
+
 ROOT = Path(__file__).resolve().parents[1]
 # the overrides the stored pre-platform records were made with (tests/data/pre_platform_quick.json, git 781abbc)
 SMALL = {"epochs": "2", "first_epochs": "2"}
@@ -220,13 +222,10 @@ def test_named_sub_seeds_are_reproducible_and_distinct():
 
 
 def _icarl(num_classes=4, per_task=2, memory=4):
-    from cilbench.data.scenario import Scenario, Task
     from cilbench.methods.icarl import ICaRL
     from cilbench.models.backbones import build_backbone
 
-    tasks = [Task(t, f"task {t}", "toy", tuple(range(t * per_task, (t + 1) * per_task)),
-                  tuple(range(t * per_task, (t + 1) * per_task))) for t in range(num_classes // per_task)]
-    scenario = Scenario("cil", "toy", f"B0Inc{per_task}", num_classes, tasks)
+    scenario = toy_scenario(num_classes, per_task)
     torch.manual_seed(0)
     cfg = ICaRL.Config(memory_size=memory)
     return ICaRL(cfg, build_backbone("resnet-tiny", pretrained=False), scenario), scenario
