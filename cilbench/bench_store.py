@@ -6,8 +6,8 @@ the GPU (nvJPEG through ``torchvision.io.decode_jpeg(list, device="cuda")``). ``
 photo-like images:
 
 * disk: bytes per image, total, ratio vs raw and the projection to 100k images, per format;
-* time per batch of shuffled rows, median of ``reps`` after one warm-up batch, for
-  raw memmap gather (as ``BatchStream._load``: sorted gather), torchvision CPU decode (one batched call, and a
+* time per batch of shuffled rows, median of ``reps`` after one warm-up batch, for raw memmap gather
+  (``engine.loader.gather``, what ``BatchStream`` reads with), torchvision CPU decode (one batched call, and a
   thread pool of 1 and of ``threads`` workers each decoding a slice), PIL decode per image (1 and ``threads``
   workers), and on CUDA the batched nvJPEG decode;
 * whether a decoder releases the GIL (a Python loop in this thread keeps turning while it decodes a large JPEG);
@@ -34,6 +34,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from cilbench.engine.loader import gather
 
 PROJECT_IMAGES = 100_000
 WAIT_LIMIT = 0.05  # data wait allowed, as a fraction of step time
@@ -98,14 +100,6 @@ def encode_jpegs(images: np.ndarray, quality: int) -> tuple[np.ndarray, np.ndarr
         chunks.append(buf.getvalue())
         offsets.append(offsets[-1] + len(chunks[-1]))
     return np.frombuffer(b"".join(chunks), np.uint8), np.asarray(offsets, np.int64)
-
-
-def raw_batch(images: np.ndarray, rows: np.ndarray) -> torch.Tensor:
-    """uint8 ``[B, S, S, 3]`` of ``rows`` gathered as ``BatchStream._load`` does: in store order, then reordered."""
-    sort = np.argsort(rows, kind="stable")
-    out = np.empty((len(rows),) + images.shape[1:], np.uint8)
-    out[sort] = images[rows[sort]]
-    return torch.from_numpy(out)
 
 
 def jpeg_tensors(blob: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> list[torch.Tensor]:
@@ -276,7 +270,7 @@ def bench_store(images: int = 512, size: int = 256, batch_size: int = 128, quali
 
         try:
             torch.set_num_threads(1)
-            record("raw memmap gather", lambda k: to_device(raw_batch(raw, rows_of(k))), 1)
+            record("raw memmap gather", lambda k: to_device(gather(raw, rows_of(k))), 1)
             for q, (blob, offsets) in jpegs.items():
                 data = [jpeg_tensors(blob, offsets, rows_of(k)) for k in range(per_epoch)]
                 as_bytes = [[t.numpy().tobytes() for t in batch] for batch in data]

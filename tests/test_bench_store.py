@@ -4,7 +4,8 @@ import numpy as np
 import torch
 
 from cilbench.bench_store import (bench_store, decode_pil, decode_torchvision, encode_jpegs, jpeg_tensors,
-                                  raw_batch, synthetic_photos, workers_needed)
+                                  synthetic_photos, workers_needed)
+from cilbench.engine.loader import gather
 
 
 def test_synthetic_photos_deterministic_and_jpeg_sized_like_photos():
@@ -29,7 +30,7 @@ def test_jpeg_round_trip_close_and_raw_exact():
     ref = torch.from_numpy(imgs[rows]).float()
     assert (tv.permute(0, 2, 3, 1).float() - ref).abs().mean() < 4.0  # levels of 255: chroma subsampling + pixel noise
     assert (pil.float() - ref).abs().mean() < 4.0  # levels of 255: chroma subsampling + pixel noise
-    assert torch.equal(raw_batch(imgs, rows), torch.from_numpy(imgs[rows]))
+    assert torch.equal(gather(imgs, rows), torch.from_numpy(imgs[rows]))
 
 
 def test_workers_needed_rule():

@@ -87,6 +87,14 @@ class TaskData:
         return TaskData(joined, np.concatenate([rows(p) for p in parts]), np.concatenate([p.labels for p in parts]))
 
 
+def gather(images: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+    """uint8 ``[B, S, S, 3]`` of store ``rows``, read in store order (sequential reads), returned in the order asked."""
+    sort = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows),) + tuple(images.shape[1:]), dtype=np.uint8)
+    out[sort] = images[rows[sort]]
+    return torch.from_numpy(out)
+
+
 @dataclass
 class RawBatch:
     images: torch.Tensor  # uint8 [B, S, S, 3] on the device
@@ -115,12 +123,7 @@ class BatchStream:
         return np.random.default_rng(self.seed).permutation(n)
 
     def _load(self, rows: np.ndarray) -> RawBatch:
-        # gather in store order (sequential reads), then restore the requested order
-        store_rows = self.data.indices[rows]
-        sort = np.argsort(store_rows, kind="stable")
-        gathered = np.empty((len(rows),) + self.data.images.shape[1:], dtype=np.uint8)
-        gathered[sort] = self.data.images[store_rows[sort]]
-        images = torch.from_numpy(gathered)
+        images = gather(self.data.images, self.data.indices[rows])
         labels = torch.from_numpy(self.data.labels[rows])
         if self.device.type == "cuda":
             images, labels = images.pin_memory(), labels.pin_memory()
