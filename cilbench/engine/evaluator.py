@@ -1,4 +1,4 @@
-"""The one evaluator, and feature extraction for methods that keep statistics.
+"""The one evaluator (feature extraction and the frozen-feature cache are ``engine.features``).
 
 Class-incremental rows score every seen class (argmax over the seen classes); MTIL rows score each dataset among
 its own classes and are filled for every dataset, unseen ones included (Transfer needs them).
@@ -178,19 +178,3 @@ def inference_cost(method, scenario, test: list[TaskData], transform: ImageTrans
     except Exception as err:  # noqa: BLE001 - a cost the counter cannot take never costs the run its record
         out["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
     return out
-
-
-@torch.no_grad()
-def extract_features(encode, data: TaskData, transform: ImageTransform, device: torch.device, batch_size: int,
-                     train_transform: bool = False, low_precision: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every image of ``data`` in order (eval transform unless ``train_transform``), float32;
-    computed in float32 unless ``low_precision`` (then bf16 autocast on CUDA)."""
-    feats, labels = [], []
-    for raw in BatchStream(data, batch_size, device):
-        with autocast(device) if low_precision else contextlib.nullcontext():
-            f = encode(transform(raw.images, train=train_transform))
-        feats.append(f.float())
-        labels.append(raw.labels)
-    if not feats:
-        return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.long, device=device)
-    return torch.cat(feats), torch.cat(labels)

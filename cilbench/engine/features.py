@@ -1,4 +1,5 @@
-"""Frozen-feature cache: each image is encoded once per (encoder weights, code, transform, precision, data).
+"""Feature extraction (``extract_features``), and the frozen-feature cache: each image is encoded once per
+(encoder weights, code, transform, precision, data).
 
 A method whose scores are a light head over frozen feature functions (SimpleCIL's backbone; APER's and RanPAC's
 adapted backbone after their first task; zero-shot CLIP's image tower; EASE's subspaces, each the frozen ViT with
@@ -43,9 +44,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
 
+from cilbench.data.augment import ImageTransform
 from cilbench.engine.loader import BatchStream, TaskData
+from cilbench.engine.trainer import autocast
 from cilbench.methods.contract import Encoder
 from cilbench.utils import atomic_write_text, package_versions
 
@@ -137,6 +139,22 @@ class CacheStats:
         return self.encoded, self.reused
 
 
+@torch.no_grad()
+def extract_features(encode, data: TaskData, transform: ImageTransform, device: torch.device, batch_size: int,
+                     train_transform: bool = False, low_precision: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every image of ``data`` in order (eval transform unless ``train_transform``), float32;
+    computed in float32 unless ``low_precision`` (then bf16 autocast on CUDA)."""
+    feats, labels = [], []
+    for raw in BatchStream(data, batch_size, device):
+        with autocast(device) if low_precision else contextlib.nullcontext():
+            f = encode(transform(raw.images, train=train_transform))
+        feats.append(f.float())
+        labels.append(raw.labels)
+    if not feats:
+        return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat(feats), torch.cat(labels)
+
+
 class FeatureCache:
     """Features of registered stores' rows by key; ``folder=None`` keeps them for this process only."""
 
@@ -186,19 +204,13 @@ class FeatureCache:
         if isinstance(enc, list):
             with self.pinned(enc):
                 return torch.stack([self.features(e, data, transform, batch_size, low_precision) for e in enc], 1)
-        from cilbench.engine.trainer import autocast
-
         def encode(rows: np.ndarray) -> torch.Tensor:
-            out = []
-            for raw in BatchStream(TaskData(data.images, rows, np.zeros(len(rows), dtype=np.int64)), batch_size,
-                                   self.device):
-                with torch.no_grad(), autocast(self.device) if low_precision else contextlib.nullcontext():
-                    out.append(enc(transform(raw.images, train=False)).float())
             self.stats.encoded += len(rows)
-            return torch.cat(out) if out else torch.zeros(0, 0, device=self.device)
+            return extract_features(enc, TaskData(data.images, rows, np.zeros(len(rows), dtype=np.int64)), transform,
+                                    self.device, batch_size, low_precision=low_precision)[0]
 
-        known = self._sources.get(id(data.images))
-        if known is None or known[0] is not data.images:
+        known = self._sources.get(id(data.images))  # holds the array: its id is never another's
+        if known is None:
             return encode(data.indices)
         precision = "bf16-autocast" if low_precision and self.device.type == "cuda" else "float32"
         key = self.key(enc, known[1], transform, precision)

@@ -33,8 +33,8 @@ from cilbench.data.augment import PRESETS
 from cilbench.data.scenario import Scenario, Task
 from cilbench.data.store import sha256_file
 from cilbench.engine.checkpoint import Checkpoint
-from cilbench.engine.evaluator import evaluate_row, extract_features, inference_cost
-from cilbench.engine.features import FeatureCache
+from cilbench.engine.evaluator import evaluate_row, inference_cost
+from cilbench.engine.features import FeatureCache, extract_features
 from cilbench.engine.loader import TaskData
 from cilbench.engine.trainer import main_phase, run_phase
 from cilbench.errors import CilbenchError
