@@ -351,24 +351,16 @@ def run_phase(method: torch.nn.Module, phase: Phase, cfg: TrainConfig, task, tra
                 g["lr"] = base * factor
             batch = Batch(inputs, labels, task, aux.next(task) if aux else {})
             loss, terms = train_step(phase.step, optimizer, batch, device, low_precision, deferred)
-            if deferred:  # counted on the device; a non-finite step was skipped by the optimiser
-                good = torch.isfinite(loss)
-                guard.step(~good)
-                counted = counted + good.long()
-                for name, value in (("loss", loss), *terms.items()):
-                    value = torch.where(good, value.float(), 0.0)
-                    sums[name] = sums[name] + value if name in sums else value
-                last = loss if last is None else torch.where(good, loss, last)
-                if phase.after_step is not None:
-                    phase.after_step(stats.steps)
-            elif loss is None:
+            if loss is None:  # the host guard saw a non-finite loss: no step was taken
                 guard.step(True)
-            else:
-                guard.step(False)
-                last = loss
-                counted += 1
+            else:  # with the device guard a non-finite step was skipped by the optimiser: masked on the device
+                good = torch.isfinite(loss) if deferred else None
+                guard.step(~good if deferred else False)
+                counted = counted + (good.long() if deferred else 1)
                 for name, value in (("loss", loss), *terms.items()):
-                    sums[name] = sums[name] + value.float() if name in sums else value.float()
+                    value = torch.where(good, value.float(), 0.0) if deferred else value.float()
+                    sums[name] = sums[name] + value if name in sums else value
+                last = torch.where(good, loss, last) if deferred and last is not None else loss
                 if phase.after_step is not None:
                     phase.after_step(stats.steps)
             stats.steps += 1
