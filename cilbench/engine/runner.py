@@ -14,6 +14,7 @@ and the prepared data (source, revision, split recipe, file checksums).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime as dt
 import glob
 import hashlib
@@ -39,7 +40,7 @@ from cilbench.engine.loader import TaskData
 from cilbench.engine.trainer import main_phase, run_phase
 from cilbench.errors import CilbenchError
 from cilbench.methods.base import Method
-from cilbench.methods.contract import Encoder, Phase, PhaseStats, check_log_value
+from cilbench.methods.contract import Encoder, Phase, PhaseStats, check_log_value, encode_with
 from cilbench.models.backbones import build_backbone
 from cilbench.plan import RunOptions, RunPlan  # noqa: F401 - RunOptions is re-exported
 from cilbench.results.record import SCHEMA_VERSION
@@ -105,7 +106,7 @@ class RunTaskContext:
             feats = cache.features(encode, data, self.transform, self.batch_size, low_precision)
             return feats, torch.from_numpy(data.labels).to(self.device)
         if isinstance(encode, list):  # several encoders, no cache: [N, S, D] all the same
-            encode = (lambda parts: lambda x: torch.stack([e(x) for e in parts], 1))(encode)
+            encode = functools.partial(encode_with, encode)
         return extract_features(encode, data, self.transform, self.device, self.batch_size, augment, low_precision)
 
     def fit(self, phase: Phase) -> PhaseStats:

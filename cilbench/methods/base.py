@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from cilbench.errors import CilbenchError
-from cilbench.methods.contract import Batch, Data, Encoder, StepResult, TaskContext  # noqa: F401 - re-exported
+from cilbench.methods.contract import Batch, Data, Encoder, StepResult, TaskContext, encode_with  # noqa: F401
 from cilbench.registry import Registry
 
 
@@ -163,8 +163,7 @@ class Method(nn.Module):
         enc = self.feature_encoder()
         if enc is None:
             raise NotImplementedError(f"{type(self).__name__} has neither logits nor a feature_encoder")
-        feats = torch.stack([e(images) for e in enc], 1) if isinstance(enc, list) else enc(images)
-        return self.feature_logits(feats, classes)
+        return self.feature_logits(encode_with(enc, images), classes)
 
     def feature_encoder(self) -> Encoder | list[Encoder] | None:
         """The frozen feature function the scores are a head over (``contract.Encoder``; a list of S of them gives

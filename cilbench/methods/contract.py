@@ -55,6 +55,13 @@ class Encoder:
         return {f"{i}.{k}": v for i, m in enumerate(self.modules) for k, v in m.state_dict().items()}
 
 
+def encode_with(encoders: Encoder | list[Encoder], images: torch.Tensor) -> torch.Tensor:
+    """The features of one encoder [B, D], or of a list of S encoders stacked [B, S, D] (EASE's subspaces)."""
+    if isinstance(encoders, list):
+        return torch.stack([e(images) for e in encoders], 1)
+    return encoders(images)
+
+
 @runtime_checkable
 class Data(Protocol):
     """Images of a run: rows of a prepared store and their global labels (``engine.loader.TaskData``)."""
